@@ -1,0 +1,181 @@
+"""The ``edgeq`` command: a thin layer over the library; EdgeqError becomes a one-line message."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+from .errors import EdgeqError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _progress_printer() -> callable:
+    started = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def cmd_package(args: argparse.Namespace) -> int:
+    from .compiler import CompileOptions
+    from .packager import PackageOptions, package
+
+    overrides: dict[str, object] = {}
+    if args.mean is not None:
+        overrides["mean"] = tuple(args.mean)
+        overrides["raw_pixels"] = False
+    if args.std is not None:
+        overrides["std"] = tuple(args.std)
+        overrides["raw_pixels"] = False
+    if args.standardize:
+        overrides.update(standardize=True, raw_pixels=False)
+    if args.raw_pixels:
+        overrides["raw_pixels"] = True
+    if args.color:
+        overrides["color"] = args.color
+    if args.resize:
+        overrides["resize"] = args.resize
+    if args.center_crop is not None:
+        overrides["center_crop"] = args.center_crop
+    options = PackageOptions(
+        device=args.device,
+        labels=args.labels,
+        preprocess=overrides,
+        compile=CompileOptions(integer_lowering=not args.no_integer, default_schedules=not args.no_schedules),
+        runtime_wheels=args.runtime_wheels,
+    )
+    result = package(args.model, args.output, options, progress=_progress_printer())
+    report = result.manifest.compile_report
+    if report.get("summary"):
+        print(report["summary"], file=sys.stderr)
+    if args.report == "json":
+        print(json.dumps(report, indent=2))
+    size = result.path.stat().st_size / 1e6
+    print(f"wrote {result.path} ({size:.1f} MB) for {result.manifest.target.device} in {result.seconds:.1f} s")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .bundle import read_bundle
+
+    bundle = read_bundle(args.bundle)
+    manifest = bundle.manifest
+    if args.json:
+        print(json.dumps(manifest.to_dict(), indent=2))
+        return 0
+    print(f"bundle       {bundle.path} (format {manifest.format_version}, edgeq {manifest.edgeq_version})")
+    print(f"model        {manifest.source.name} ({manifest.source.format}, sha256 {manifest.source.sha256[:16]}…)")
+    print(f"device       {manifest.target.device} ({manifest.target.arch}, {manifest.target.kind})")
+    print(f"tvm target   {json.dumps(manifest.target.tvm_target)}")
+    print(
+        f"runtime      TVM {manifest.runtime.tvm_version}, tvm-ffi {manifest.runtime.tvm_ffi_version}, "
+        f"{manifest.runtime.platform}, glibc >= {manifest.runtime.glibc_floor}"
+    )
+    for kind, specs in (("input", manifest.inputs), ("output", manifest.outputs)):
+        for spec in specs:
+            quant = ""
+            if spec.quantization:
+                q = spec.quantization
+                quant = f"  scale {q.scale[0]:.6g} zero_point {q.zero_point[0]}" if q.per_tensor else f"  per-channel ({len(q.scale)})"
+            layout = f" {spec.layout}" if spec.layout else ""
+            print(f"{kind:<12} {spec.name}: {spec.dtype}{list(spec.shape)}{layout}{quant}")
+    print(f"preprocess   {asdict(manifest.preprocess)}")
+    print(f"postprocess  {asdict(manifest.postprocess)}")
+    print(f"labels       {len(manifest.labels)}" + (f" ({', '.join(manifest.labels[:3])}, …)" if manifest.labels else ""))
+    if manifest.compile_report.get("summary"):
+        print(f"compiler     {manifest.compile_report['summary']}")
+    for entry in manifest.files:
+        print(f"file         {entry.path:<28} {entry.size / 1e6:7.2f} MB  sha256 {entry.sha256[:16]}…")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predictor import load
+
+    predictor = load(args.bundle, num_threads=args.threads)
+    for image in args.images:
+        result = predictor.predict(image, top_k=args.top_k)
+        if args.json:
+            print(json.dumps({"image": str(image), "classes": [asdict(c) for c in result.classes]}))
+        else:
+            print(f"{image}:")
+            print(result)
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from .devices import list_devices
+
+    devices = list_devices()
+    if args.json:
+        print(json.dumps([asdict(d) for d in devices], indent=2))
+        return 0
+    width = max(len(d.name) for d in devices)
+    for device in devices:
+        print(f"{device.name:<{width}}  {device.arch:<8} {device.kind:<5} {device.status:<11} {device.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeq", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("package", help="compile a model into a bundle for a device")
+    p.add_argument("model", type=Path, help="a .tflite model")
+    p.add_argument("--device", "-d", default="x86_64", help="deploy target (see `edgeq devices`)")
+    p.add_argument("--output", "-o", type=Path, help="bundle path (default: MODEL.edgeq here)")
+    p.add_argument("--labels", type=Path, help="labels file, one per line, in class order")
+    p.add_argument("--mean", type=float, nargs="+", help="per-channel pixel mean (0..255 scale)")
+    p.add_argument("--std", type=float, nargs="+", help="per-channel pixel std (0..255 scale)")
+    p.add_argument("--standardize", action="store_true", help="standardise each picture to mean 0, std 1")
+    p.add_argument("--raw-pixels", action="store_true", help="feed pixels 0..255 unchanged (int8: pixel-128)")
+    p.add_argument("--color", choices=["rgb", "grey"], help="colour conversion before resizing")
+    p.add_argument("--resize", choices=["bilinear", "nearest", "bicubic", "lanczos"], help="resize method")
+    p.add_argument("--center-crop", type=float, help="keep this fraction of the shorter side, centred")
+    p.add_argument("--no-integer", action="store_true", help="keep TVM's stock dequantize/float/quantize lowering")
+    p.add_argument("--no-schedules", action="store_true", help="skip edgeq's CPU schedules (stock TVM loops)")
+    p.add_argument("--runtime-wheels", type=Path, help="folder of apache-tvm/apache-tvm-ffi wheels (offline)")
+    p.add_argument("--report", choices=["text", "json"], default="text", help="print the compile report as JSON")
+    p.set_defaults(func=cmd_package)
+
+    p = sub.add_parser("inspect", help="show a bundle's manifest, tensors and files")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("predict", help="classify pictures with a bundle")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("devices", help="list the registered deploy targets")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_devices)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgeqError as error:
+        print(f"edgeq: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("edgeq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

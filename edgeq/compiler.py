@@ -1,0 +1,161 @@
+"""Host side: TFLite model -> Relax -> a compiled, exported library for one device.
+
+TVM is imported lazily so that ``import edgeq`` stays light on devices.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .devices import Device
+from .errors import EdgeqError, MissingDependencyError, UnsupportedModelError
+from .tflite_model import TFLiteModel
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """How edgeq compiles a model."""
+
+    integer_lowering: bool = True  # run quantized graphs on edgeq's integer kernels
+    default_schedules: bool = True  # apply edgeq's CPU schedules (threads, vectors, tiling)
+
+
+@dataclass(frozen=True)
+class CompiledLibrary:
+    """The exported library's bytes and what the compiler did."""
+
+    data: bytes
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def _tvm():
+    try:
+        import tvm
+
+        return tvm
+    except ImportError:
+        raise MissingDependencyError(
+            "packaging needs Apache TVM on this machine: pip install 'edgeq[host]'"
+        ) from None
+
+
+def check_supported_ops(model: TFLiteModel) -> None:
+    """Raise UnsupportedModelError naming every op TVM's TFLite frontend cannot import."""
+    tvm = _tvm()
+    import tflite
+    from tvm import relax
+    from tvm.relax.frontend.tflite import tflite_frontend as frontend
+
+    tfl_model = tflite.Model.GetRootAsModel(model.data, 0)
+    converter = frontend.OperatorConverter(
+        tfl_model, tfl_model.Subgraphs(0), frontend.ExprTable(), relax.BlockBuilder()
+    )
+    try:
+        converter.check_unsupported_ops()
+    except tvm.error.OpNotImplemented as error:
+        raise UnsupportedModelError(f"{model.path.name} cannot be compiled:\n{str(error).strip()}") from None
+
+
+def import_stock(model: TFLiteModel) -> Any:
+    """The model through TVM's own TFLite importer (quantized ops become dequantize/float/quantize)."""
+    tvm = _tvm()
+    import tflite
+    import tvm.relax.frontend.tflite as frontend
+
+    try:
+        return frontend.from_tflite(tflite.Model.GetRootAsModel(model.data, 0))
+    except tvm.error.OpNotImplemented as error:
+        raise UnsupportedModelError(f"{model.path.name} cannot be compiled:\n{str(error).strip()}") from None
+    except Exception as error:  # the frontend raises assorted errors on models it cannot read
+        raise UnsupportedModelError(
+            f"TVM's TFLite importer could not read {model.path.name}: {_first_line(error)}"
+        ) from None
+
+
+def import_model(model: TFLiteModel, options: CompileOptions) -> tuple[Any, dict[str, Any]]:
+    """Relax module for ``model`` and a report of how it was imported."""
+    check_supported_ops(model)
+    if model.is_quantized and options.integer_lowering:
+        try:
+            from .int8 import import_integer
+        except ImportError:
+            import_integer = None
+        if import_integer is not None:
+            mod, report = import_integer(model.path)
+            return mod, {"importer": "edgeq-integer", "integer": report.to_dict(), "summary": report.summary()}
+    return import_stock(model), {"importer": "tvm-stock"}
+
+
+def tvm_target(device: Device) -> Any:
+    tvm = _tvm()
+    if device.tvm_target is None:
+        raise EdgeqError(f"device {device.name!r} has no TVM target")
+    return tvm.target.Target(device.tvm_target)
+
+
+def build(mod: Any, device: Device, options: CompileOptions) -> Any:
+    """Compile a Relax module into an executable for the device's CPU."""
+    target = tvm_target(device)
+    if options.default_schedules:
+        try:
+            from .schedules import build_cpu
+        except ImportError:
+            build_cpu = None
+        if build_cpu is not None:
+            return build_cpu(mod, target)
+    return _tvm().compile(mod, target=target)
+
+
+def export(executable: Any, device: Device) -> bytes:
+    """Link the executable into a shared library for the device (cross-compiling if needed)."""
+    workdir = Path(tempfile.mkdtemp(prefix="edgeq-build-"))
+    try:
+        library = workdir / "model.so"
+        if device.needs_cross_compiler:
+            compiler = device.cross_compiler
+            if not compiler or shutil.which(compiler) is None:
+                package = device.cross_compiler_package or "a cross compiler"
+                raise MissingDependencyError(
+                    f"packaging for {device.name} ({device.arch}) needs the cross compiler "
+                    f"{compiler or '?'}; install it, e.g. `sudo apt-get install {package}`"
+                )
+            from tvm.support import cc
+
+            executable.export_library(str(library), fcompile=cc.cross_compiler(compiler))
+        else:
+            executable.export_library(str(library))
+        return library.read_bytes()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def compile_model(
+    model: TFLiteModel, device: Device, options: CompileOptions, progress: Progress = lambda _: None
+) -> CompiledLibrary:
+    """Import, compile and export ``model`` for ``device``."""
+    progress("importing the model into Relax")
+    mod, report = import_model(model, options)
+    progress(f"compiling for {device.name} ({_describe_target(device)})")
+    try:
+        executable = build(mod, device, options)
+    except EdgeqError:
+        raise
+    except Exception as error:
+        raise EdgeqError(f"TVM failed to compile {model.path.name} for {device.name}: {_first_line(error)}") from None
+    progress("linking the library" + (f" with {device.cross_compiler}" if device.needs_cross_compiler else ""))
+    return CompiledLibrary(export(executable, device), report)
+
+
+def _describe_target(device: Device) -> str:
+    target = device.tvm_target or {}
+    return ", ".join(f"{k}={v}" for k, v in target.items() if k != "host")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__

@@ -1,0 +1,184 @@
+"""The bundle manifest: typed dataclasses and their JSON form (format version 1)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import BundleFormatError
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """Affine quantization: real = scale * (q - zero_point); per channel along ``axis``."""
+
+    scale: tuple[float, ...]
+    zero_point: tuple[int, ...]
+    axis: int | None = None
+
+    @property
+    def per_tensor(self) -> bool:
+        return len(self.scale) == 1
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output as the source model defines it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str | None = None  # "NHWC", "NCHW" for pictures; None otherwise
+    quantization: Quantization | None = None
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a picture becomes the model's input tensor.
+
+    Pixels (0..255, after colour conversion and resizing) are mapped to the model's real
+    domain as ``(pixel - mean) / std`` per channel, or standardised per picture when
+    ``standardize`` is set, then quantized with the input's scale and zero point if the input
+    is quantized. ``raw_pixels`` feeds 0..255 unchanged to a uint8 input (or pixel - 128 to an
+    int8 input), TFLite's convention for quantized image models.
+    """
+
+    color: str = "rgb"  # "rgb" or "grey"
+    resize: str = "bilinear"  # PIL resampling: "bilinear", "nearest", "bicubic", "lanczos"
+    center_crop: float | None = None  # fraction of the shorter side kept before resizing
+    mean: tuple[float, ...] = (127.5,)
+    std: tuple[float, ...] = (127.5,)
+    standardize: bool = False
+    raw_pixels: bool = False
+
+
+@dataclass(frozen=True)
+class Postprocess:
+    """How raw outputs become a result."""
+
+    kind: str = "classification"  # "classification" or "raw"
+    output_index: int = 0
+    softmax: bool = False  # apply softmax to the dequantized output (it holds logits)
+    top_k: int = 5
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class SourceModel:
+    name: str
+    format: str  # "tflite" or "onnx"
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """The device the library was compiled for."""
+
+    device: str
+    arch: str
+    kind: str
+    tvm_target: dict[str, Any]
+    num_cores: int | None
+    cpu_features: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """The TVM runtime libraries shipped in the bundle."""
+
+    platform: str
+    glibc_floor: str | None
+    tvm_version: str
+    tvm_ffi_version: str
+    sha256: str  # of the runtime files together: identifies the runtime build
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    edgeq_version: str
+    source: SourceModel
+    target: TargetInfo
+    runtime: RuntimeInfo
+    library: str  # path of the compiled library inside the bundle
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    preprocess: Preprocess
+    postprocess: Postprocess
+    labels: tuple[str, ...] = ()
+    files: tuple[FileEntry, ...] = ()
+    compile_report: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Manifest":
+        """Parse and validate a manifest, raising BundleFormatError on anything malformed."""
+        if not isinstance(data, dict):
+            raise BundleFormatError("manifest.json is not a JSON object")
+        version = data.get("format_version")
+        if not isinstance(version, int):
+            raise BundleFormatError("manifest.json has no integer format_version")
+        if version > FORMAT_VERSION:
+            raise BundleFormatError(
+                f"bundle format {version} is newer than this edgeq understands ({FORMAT_VERSION}); "
+                "upgrade edgeq on this device (pip install -U edgeq)"
+            )
+        if version < 1:
+            raise BundleFormatError(f"bundle format {version} is not a valid edgeq format")
+        try:
+            return cls(
+                format_version=version,
+                edgeq_version=str(data["edgeq_version"]),
+                source=SourceModel(**data["source"]),
+                target=_target(data["target"]),
+                runtime=RuntimeInfo(**data["runtime"]),
+                library=str(data["library"]),
+                inputs=tuple(_tensor(t) for t in data["inputs"]),
+                outputs=tuple(_tensor(t) for t in data["outputs"]),
+                preprocess=_preprocess(data["preprocess"]),
+                postprocess=Postprocess(**data["postprocess"]),
+                labels=tuple(str(label) for label in data.get("labels", ())),
+                files=tuple(FileEntry(**f) for f in data["files"]),
+                compile_report=dict(data.get("compile_report") or {}),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise BundleFormatError(f"manifest.json is malformed: {error!r}") from None
+
+
+def _tensor(data: dict[str, Any]) -> TensorSpec:
+    quant = data.get("quantization")
+    return TensorSpec(
+        name=str(data["name"]),
+        shape=tuple(int(d) for d in data["shape"]),
+        dtype=str(data["dtype"]),
+        layout=data.get("layout"),
+        quantization=None
+        if quant is None
+        else Quantization(
+            scale=tuple(float(s) for s in quant["scale"]),
+            zero_point=tuple(int(z) for z in quant["zero_point"]),
+            axis=quant.get("axis"),
+        ),
+    )
+
+
+def _preprocess(data: dict[str, Any]) -> Preprocess:
+    values = dict(data)
+    values["mean"] = tuple(float(m) for m in values.get("mean", (127.5,)))
+    values["std"] = tuple(float(s) for s in values.get("std", (127.5,)))
+    return Preprocess(**values)
+
+
+def _target(data: dict[str, Any]) -> TargetInfo:
+    values = dict(data)
+    values["cpu_features"] = tuple(values.get("cpu_features", ()))
+    return TargetInfo(**values)

@@ -1,0 +1,111 @@
+"""Device side: ``load(bundle)`` verifies a bundle and returns a Predictor that runs it.
+
+Imports only numpy, Pillow, cffi and edgeq's own device modules - never tvm.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .bundle import Bundle, read_bundle
+from .compat import check_runs_here
+from .errors import InputError, RuntimeFailure
+from .manifest import Manifest
+from .postprocess import Classification, classify
+from .preprocess import ImageLike, picture_to_tensor
+from .runtime import RelaxVM, TVMError, load_runtime
+
+RUNTIME_DIR = "runtime"
+
+
+class Predictor:
+    """A loaded bundle: raw tensor runs, picture predictions and timing."""
+
+    def __init__(self, bundle: Bundle, num_threads: int | None = None) -> None:
+        self.manifest: Manifest = bundle.manifest
+        self.path = bundle.path
+        check_runs_here(self.manifest)
+        workdir = Path(tempfile.mkdtemp(prefix="edgeq-"))
+        try:
+            bundle.extract(workdir)
+            try:
+                runtime = load_runtime(workdir / RUNTIME_DIR, self.manifest.runtime.sha256)
+                self._vm = RelaxVM(runtime, workdir / self.manifest.library)
+            except (TVMError, OSError, RuntimeError) as error:
+                raise RuntimeFailure(f"cannot load {self.path}: {error}") from None
+        finally:
+            # The libraries stay mapped after dlopen; the files are no longer needed.
+            shutil.rmtree(workdir, ignore_errors=True)
+        threads = num_threads or self.manifest.target.num_cores or os.cpu_count() or 1
+        self.num_threads = int(threads)
+        self._vm.set_num_threads(self.num_threads)
+
+    # -- raw tensors -------------------------------------------------------------------------
+    def run(self, tensors: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Run raw input tensors exactly as the source model takes them; returns raw outputs."""
+        if isinstance(tensors, np.ndarray):
+            tensors = [tensors]
+        specs = self.manifest.inputs
+        if len(tensors) != len(specs):
+            raise InputError(f"the model takes {len(specs)} input(s), got {len(tensors)}")
+        arrays = []
+        for tensor, spec in zip(tensors, specs):
+            array = np.asarray(tensor)
+            if tuple(array.shape) != spec.shape or array.dtype != np.dtype(spec.dtype):
+                raise InputError(
+                    f"input {spec.name!r} must be {spec.dtype}{list(spec.shape)}, "
+                    f"got {array.dtype}{list(array.shape)}"
+                )
+            arrays.append(array)
+        try:
+            outputs = self._vm.run(arrays)
+        except TVMError as error:
+            raise RuntimeFailure(f"the model failed while running: {error}") from None
+        return [self._as_declared(out, spec) for out, spec in zip(outputs, self.manifest.outputs)]
+
+    @staticmethod
+    def _as_declared(output: np.ndarray, spec) -> np.ndarray:
+        if output.size != int(np.prod(spec.shape)) or output.dtype != np.dtype(spec.dtype):
+            raise RuntimeFailure(
+                f"output {spec.name!r} came back as {output.dtype}{list(output.shape)}, "
+                f"expected {spec.dtype}{list(spec.shape)}"
+            )
+        return output.reshape(spec.shape)
+
+    # -- pictures ----------------------------------------------------------------------------
+    def preprocess(self, image: ImageLike) -> list[np.ndarray]:
+        """The input tensors for one picture, as the manifest's pre-processing makes them."""
+        if len(self.manifest.inputs) != 1:
+            raise InputError("predict() handles single-input models; use run() with tensors")
+        return [picture_to_tensor(image, self.manifest.inputs[0], self.manifest.preprocess)]
+
+    def predict(self, image: ImageLike, top_k: int | None = None) -> Classification:
+        """Classify one picture (path, bytes, PIL image or HxWxC uint8 array)."""
+        outputs = self.run(self.preprocess(image))
+        post = self.manifest.postprocess
+        if post.kind != "classification":
+            raise InputError(f"this bundle's post-processing is {post.kind!r}; use run() for raw outputs")
+        return classify(outputs, self.manifest.outputs, post, self.manifest.labels, top_k)
+
+    def benchmark(self, repeat: int = 50, warmup: int = 5) -> list[float]:
+        """Latencies in seconds of ``repeat`` runs on zero inputs, after ``warmup`` runs."""
+        inputs = [np.zeros(s.shape, s.dtype) for s in self.manifest.inputs]
+        for _ in range(warmup):
+            self._vm.run(inputs)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            self._vm.run(inputs)
+            times.append(time.perf_counter() - start)
+        return times
+
+
+def load(bundle: str | os.PathLike[str], num_threads: int | None = None) -> Predictor:
+    """Verify ``bundle`` (checksums, format, architecture) and load it for this machine."""
+    return Predictor(read_bundle(bundle), num_threads=num_threads)

@@ -1,0 +1,59 @@
+"""The host reference: TFLite's own interpreter (ai-edge-litert, or tflite-runtime where it works)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import MissingDependencyError
+
+
+def _interpreter_class():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter
+    except ImportError:
+        pass
+    # tflite-runtime 2.14 (its last release) fails at Interpreter() with numpy 2 (_ARRAY_API).
+    if int(np.__version__.split(".")[0]) < 2:
+        try:
+            from tflite_runtime.interpreter import Interpreter
+
+            return Interpreter
+        except ImportError:
+            pass
+    raise MissingDependencyError(
+        "the TFLite reference interpreter is missing; install the host extras: "
+        "pip install 'edgeq[host]' (it brings ai-edge-litert)"
+    )
+
+
+class ReferenceInterpreter:
+    """One TFLite model in the reference interpreter."""
+
+    def __init__(self, model_path: str | os.PathLike[str], num_threads: int = 2) -> None:
+        interpreter_class = _interpreter_class()
+        self.model_path = Path(model_path)
+        self._interpreter = interpreter_class(model_path=str(model_path), num_threads=num_threads)
+        self._interpreter.allocate_tensors()
+        self._inputs = self._interpreter.get_input_details()
+        self._outputs = self._interpreter.get_output_details()
+
+    def run(self, inputs: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Run raw input tensors; returns copies of the raw outputs."""
+        if isinstance(inputs, np.ndarray):
+            inputs = [inputs]
+        for detail, value in zip(self._inputs, inputs):
+            self._interpreter.set_tensor(detail["index"], value)
+        self._interpreter.invoke()
+        return [self._interpreter.get_tensor(detail["index"]).copy() for detail in self._outputs]
+
+
+def run_reference(
+    model_path: str | os.PathLike[str], inputs: np.ndarray | Sequence[np.ndarray], num_threads: int = 2
+) -> list[np.ndarray]:
+    """Run one set of inputs through the reference interpreter."""
+    return ReferenceInterpreter(model_path, num_threads).run(inputs)
