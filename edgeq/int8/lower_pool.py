@@ -1,0 +1,110 @@
+"""AVERAGE_POOL_2D, MAX_POOL_2D and MEAN on 8-bit tensors, with TFLite's integer rounding."""
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from ..errors import UnsupportedModelError
+from .context import Lowered, LoweringContext, activation_of, require_quantized
+from .fixedpoint import DTYPE_RANGE, activation_range, quantize_multiplier
+from .graph import Operator
+from .relax_int import clamp_cast, const, multiply_by_quantized_multiplier, rounded_division
+
+R = relax.op
+
+
+def _pool_geometry(size: int, kernel: int, stride: int, same: bool) -> tuple[int, int, int]:
+    """(output size, padding before, padding after) as TFLite computes them for pooling."""
+    out = (size + stride - 1) // stride if same else (size - kernel) // stride + 1
+    total = max((out - 1) * stride + kernel - size, 0) if same else 0
+    return out, total // 2, total - total // 2
+
+
+def _window_geometry(ctx: LoweringContext, op: Operator):
+    inp = ctx.tensor(op.inputs[0])
+    o = op.options
+    same = o.Padding() == 0
+    kernel = (o.FilterHeight(), o.FilterWidth())
+    stride = (o.StrideH(), o.StrideW())
+    rows = _pool_geometry(inp.shape[1], kernel[0], stride[0], same)
+    cols = _pool_geometry(inp.shape[2], kernel[1], stride[1], same)
+    return inp, kernel, stride, rows, cols
+
+
+def _window_sum(ctx: LoweringContext, x32: relax.Expr, kernel, stride, rows, cols) -> relax.Expr:
+    """Sum of each pooling window (zeros padded), as kh*kw strided slices added together."""
+    (out_h, top, bottom), (out_w, left, right) = rows, cols
+    if top or bottom or left or right:
+        x32 = ctx.bb.emit(R.nn.pad(x32, [0, 0, top, bottom, left, right, 0, 0], pad_value=0.0))
+    total = None
+    for dy in range(kernel[0]):
+        for dx in range(kernel[1]):
+            begin = [dy, dx]
+            end = [dy + (out_h - 1) * stride[0] + 1, dx + (out_w - 1) * stride[1] + 1]
+            tap = R.strided_slice(x32, axes=[1, 2], begin=begin, end=end, strides=list(stride))
+            total = tap if total is None else R.add(total, tap)
+    return ctx.bb.emit(total)
+
+
+def _valid_counts(size: int, kernel: int, stride: int, out: int, before: int) -> np.ndarray:
+    starts = np.arange(out) * stride - before
+    return np.minimum(starts + kernel, size) - np.maximum(starts, 0)
+
+
+def lower_average_pool2d(ctx: LoweringContext, op: Operator) -> Lowered:
+    inp, kernel, stride, rows, cols = _window_geometry(ctx, op)
+    out = ctx.tensor(op.outputs[0])
+    require_quantized(ctx, op, inp.index, out.index)
+    x32 = ctx.bb.emit(R.astype(ctx.value(inp.index), "int32"))
+    is_global = rows[0] == 1 and cols[0] == 1 and kernel == tuple(inp.shape[1:3]) and not any(rows[1:] + cols[1:])
+    if is_global:
+        acc = ctx.bb.emit(R.sum(x32, axis=[1, 2], keepdims=True))
+        counts = np.int32(kernel[0] * kernel[1])
+    else:
+        acc = _window_sum(ctx, x32, kernel, stride, rows, cols)
+        counts = np.outer(
+            _valid_counts(inp.shape[1], kernel[0], stride[0], rows[0], rows[1]),
+            _valid_counts(inp.shape[2], kernel[1], stride[1], cols[0], cols[1]),
+        ).astype(np.int32)
+        counts = np.int32(counts.flat[0]) if np.all(counts == counts.flat[0]) else counts.reshape(1, rows[0], cols[0], 1)
+    average = rounded_division(ctx.bb, acc, counts)
+    lo, hi = activation_range(activation_of(op), out.dtype, out.quant.s, out.quant.zp)
+    ctx.set(out.index, clamp_cast(ctx.bb, average, lo, hi, out.dtype))
+    return Lowered()
+
+
+def lower_max_pool2d(ctx: LoweringContext, op: Operator) -> Lowered:
+    inp, kernel, stride, rows, cols = _window_geometry(ctx, op)
+    out = ctx.tensor(op.outputs[0])
+    require_quantized(ctx, op, inp.index, out.index)
+    x = ctx.value(inp.index)
+    (_, top, bottom), (_, left, right) = rows, cols
+    if top or bottom or left or right:  # padded taps must never win the max
+        lowest = float(DTYPE_RANGE[inp.dtype][0])
+        x = ctx.bb.emit(R.nn.pad(x, [0, 0, top, bottom, left, right, 0, 0], pad_value=lowest))
+    pooled = ctx.bb.emit(R.nn.max_pool2d(x, pool_size=kernel, strides=stride, padding=0, layout="NHWC"))
+    lo, hi = activation_range(activation_of(op), out.dtype, out.quant.s, out.quant.zp)
+    ctx.set(out.index, clamp_cast(ctx.bb, pooled, lo, hi, out.dtype))
+    return Lowered()
+
+
+def lower_mean(ctx: LoweringContext, op: Operator) -> Lowered:
+    """reference_ops::QuantizedMeanOrSum: int32 sum, multiplier divided by the count, one requantization."""
+    inp, axes_t, out = ctx.tensor(op.inputs[0]), ctx.tensor(op.inputs[1]), ctx.tensor(op.outputs[0])
+    require_quantized(ctx, op, inp.index, out.index)
+    if axes_t.data is None:
+        raise UnsupportedModelError(f"MEAN #{op.index}: the axes are not constant")
+    rank = len(inp.shape)
+    axes = sorted({int(a) % rank for a in axes_t.data.reshape(-1)})
+    count = int(np.prod([inp.shape[a] for a in axes]))
+    multiplier, shift = quantize_multiplier(float(inp.quant.s) / float(out.quant.s))
+    extra = min(count.bit_length() - 1, 32, 31 + shift)
+    multiplier = ((multiplier << extra) // count) if extra >= 0 else multiplier
+    shift -= extra
+    total = ctx.bb.emit(R.sum(R.astype(ctx.value(inp.index), "int32"), axis=axes, keepdims=True))
+    if inp.quant.zp:
+        total = ctx.bb.emit(R.subtract(total, const(inp.quant.zp * count, "int32")))
+    result = multiply_by_quantized_multiplier(ctx.bb, total, multiplier, shift)
+    lo, hi = DTYPE_RANGE[out.dtype]
+    ctx.set(out.index, clamp_cast(ctx.bb, R.add(result, const(out.quant.zp, "int64")), lo, hi, out.dtype))
+    return Lowered()
