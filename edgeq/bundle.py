@@ -76,10 +76,10 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
     path = Path(path)
     if not path.is_file():
         raise BundleFormatError(f"{path}: no such bundle file")
+    hint = ""
+    if path.suffix.lower() in (".tflite", ".onnx"):
+        hint = f"; this looks like a model: package it first with `edgeq package {path.name} --device ...`"
     if not zipfile.is_zipfile(path):
-        hint = ""
-        if path.suffix.lower() in (".tflite", ".onnx"):
-            hint = f"; this looks like a model: package it first with `edgeq package {path.name} --device ...`"
         raise BundleFormatError(f"{path} is not an edgeq bundle (not a zip archive, or truncated){hint}")
     try:
         with zipfile.ZipFile(path) as archive:
@@ -87,7 +87,7 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
             for name in names:
                 _check_member_name(name)
             if MANIFEST_NAME not in names:
-                raise BundleFormatError(f"{path} has no {MANIFEST_NAME}: not an edgeq bundle")
+                raise BundleFormatError(f"{path} has no {MANIFEST_NAME}: not an edgeq bundle{hint}")
             try:
                 manifest_data = json.loads(archive.read(MANIFEST_NAME))
             except ValueError as error:

@@ -58,7 +58,10 @@ def check_supported_ops(model: TFLiteModel) -> None:
     try:
         converter.check_unsupported_ops()
     except tvm.error.OpNotImplemented as error:
-        raise UnsupportedModelError(f"{model.path.name} cannot be compiled:\n{str(error).strip()}") from None
+        raise UnsupportedModelError(
+            f"{model.path.name} cannot be compiled:\n{str(error).strip()}\n"
+            "Export the model again with TFLite builtin ops only (no custom or unsupported ops)."
+        ) from None
 
 
 def import_stock(model: TFLiteModel) -> Any:
@@ -81,13 +84,17 @@ def import_model(model: TFLiteModel, options: CompileOptions) -> tuple[Any, dict
     """Relax module for ``model`` and a report of how it was imported."""
     check_supported_ops(model)
     if model.is_quantized and options.integer_lowering:
+        from .int8 import import_integer
+
         try:
-            from .int8 import import_integer
-        except ImportError:
-            import_integer = None
-        if import_integer is not None:
             mod, report = import_integer(model.path)
-            return mod, {"importer": "edgeq-integer", "integer": report.to_dict(), "summary": report.summary()}
+        except UnsupportedModelError as error:
+            summary = (
+                f"integer lowering is not possible ({error}); the whole model runs in TVM's "
+                "dequantize -> float -> quantize lowering, not bit-exact with TFLite"
+            )
+            return import_stock(model), {"importer": "tvm-stock", "summary": summary}
+        return mod, {"importer": "edgeq-integer", "integer": report.to_dict(), "summary": report.summary()}
     return import_stock(model), {"importer": "tvm-stock"}
 
 

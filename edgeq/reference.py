@@ -1,13 +1,25 @@
-"""The host reference: TFLite's own interpreter (ai-edge-litert, or tflite-runtime where it works)."""
+"""The host reference: TFLite's own interpreter (ai-edge-litert, or tflite-runtime where it works).
+
+Two kernel sets: ``"reference"`` (TFLite's reference kernels, OpResolverType.BUILTIN_REF) define
+quantized arithmetic the same on every platform and are what edgeq's integer kernels match bit for
+bit; ``"default"`` (the optimized kernels with XNNPACK) is what TFLite users run and what latency is
+compared with. The optimized x86 int8 kernels round differently from the reference ones (up to
+15 steps on EfficientNet-Lite0's softmax), so correctness checks use ``"reference"``.
+"""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from .errors import MissingDependencyError
+
+
+REFERENCE_KERNELS = "reference"
+DEFAULT_KERNELS = "default"
 
 
 def _interpreter_class():
@@ -34,10 +46,19 @@ def _interpreter_class():
 class ReferenceInterpreter:
     """One TFLite model in the reference interpreter."""
 
-    def __init__(self, model_path: str | os.PathLike[str], num_threads: int = 2) -> None:
+    def __init__(
+        self, model_path: str | os.PathLike[str], num_threads: int = 2, kernels: str = REFERENCE_KERNELS
+    ) -> None:
         interpreter_class = _interpreter_class()
         self.model_path = Path(model_path)
-        self._interpreter = interpreter_class(model_path=str(model_path), num_threads=num_threads)
+        self.kernels = kernels
+        extra = {}
+        if kernels == REFERENCE_KERNELS:
+            resolver = sys.modules[interpreter_class.__module__].OpResolverType.BUILTIN_REF
+            extra["experimental_op_resolver_type"] = resolver
+        elif kernels != DEFAULT_KERNELS:
+            raise ValueError(f"kernels must be {REFERENCE_KERNELS!r} or {DEFAULT_KERNELS!r}, not {kernels!r}")
+        self._interpreter = interpreter_class(model_path=str(model_path), num_threads=num_threads, **extra)
         self._interpreter.allocate_tensors()
         self._inputs = self._interpreter.get_input_details()
         self._outputs = self._interpreter.get_output_details()
@@ -53,7 +74,10 @@ class ReferenceInterpreter:
 
 
 def run_reference(
-    model_path: str | os.PathLike[str], inputs: np.ndarray | Sequence[np.ndarray], num_threads: int = 2
+    model_path: str | os.PathLike[str],
+    inputs: np.ndarray | Sequence[np.ndarray],
+    num_threads: int = 2,
+    kernels: str = REFERENCE_KERNELS,
 ) -> list[np.ndarray]:
     """Run one set of inputs through the reference interpreter."""
-    return ReferenceInterpreter(model_path, num_threads).run(inputs)
+    return ReferenceInterpreter(model_path, num_threads, kernels).run(inputs)

@@ -1,6 +1,8 @@
 """Open libtvm_ffi + libtvm_runtime with cffi (ABI mode) and call TVM functions through the C ABI."""
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +29,9 @@ _NUMPY_TO_DL = {
     np.dtype("bool"): (abi.DL_BOOL, 8),
 }
 _DL_TO_NUMPY = {value: key for key, value in _NUMPY_TO_DL.items()}
+
+FFI_LIBRARY = "libtvm_ffi.so"
+RUNTIME_LIBRARY = "libtvm_runtime.so"
 
 # Byte alignment TVM's generated code may assume for tensor data.
 TENSOR_ALIGNMENT = 64
@@ -73,14 +78,14 @@ class Function(Object):
 
 
 class RuntimeLibrary:
-    """The TVM runtime opened from one directory holding libtvm_ffi.so and libtvm_runtime.so."""
+    """The TVM runtime: libtvm_ffi.so and libtvm_runtime.so, opened with dlopen."""
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
+    def __init__(self, paths: dict[str, Path]) -> None:
+        self.paths = dict(paths)
         flags = _ffi.RTLD_NOW | _ffi.RTLD_GLOBAL
         # libtvm_ffi first and globally, so libtvm_runtime's references to it resolve.
-        self.c = _ffi.dlopen(str(self.directory / "libtvm_ffi.so"), flags)
-        self._runtime = _ffi.dlopen(str(self.directory / "libtvm_runtime.so"), flags)
+        self.c = _ffi.dlopen(str(self.paths[FFI_LIBRARY]), flags)
+        self._runtime = _ffi.dlopen(str(self.paths[RUNTIME_LIBRARY]), flags)
         self._globals: dict[str, Function] = {}
 
     # -- functions -------------------------------------------------------------------------
@@ -227,11 +232,31 @@ _loaded: dict[str, RuntimeLibrary] = {}
 _lock = threading.Lock()
 
 
-def load_runtime(directory: Path, identity: str) -> RuntimeLibrary:
-    """Open the runtime in ``directory`` once per process.
+def _mapped_tvm_libraries() -> dict[str, Path]:
+    """TVM runtime libraries this process has already mapped (e.g. by ``import tvm``)."""
+    found: dict[str, Path] = {}
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                path = line.rstrip("\n").split(maxsplit=5)[-1]
+                name = os.path.basename(path)
+                if name in (FFI_LIBRARY, RUNTIME_LIBRARY):
+                    found[name] = Path(path)
+    except OSError:
+        pass
+    return found
 
-    ``identity`` names the runtime build (e.g. the sha256 of its libraries). A process can
-    hold one TVM runtime only: asking for a different one raises RuntimeError.
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_runtime(directory: Path, identity: str) -> RuntimeLibrary:
+    """Open the runtime whose two libraries are in ``directory``, once per process.
+
+    ``identity`` names the runtime build (a hash of its libraries). A process holds one TVM
+    runtime: where the same build is already mapped (by the ``tvm`` package, say) that copy is
+    reused; a different build raises RuntimeError.
     """
     with _lock:
         if identity in _loaded:
@@ -242,6 +267,17 @@ def load_runtime(directory: Path, identity: str) -> RuntimeLibrary:
                 f"this process already runs TVM runtime {other[:12]}; a bundle with runtime "
                 f"{identity[:12]} needs a new process"
             )
-        library = RuntimeLibrary(directory)
+        wanted = {name: Path(directory) / name for name in (FFI_LIBRARY, RUNTIME_LIBRARY)}
+        mapped = _mapped_tvm_libraries()
+        if mapped:
+            for name, path in mapped.items():
+                if _sha256(path) != _sha256(wanted[name]):
+                    raise RuntimeError(
+                        f"this process already loaded a different {name} ({path}, e.g. through "
+                        "`import tvm`); run the bundle in a process without it, or package it "
+                        "with the TVM version installed here"
+                    )
+            wanted.update(mapped)
+        library = RuntimeLibrary(wanted)
         _loaded[identity] = library
         return library
