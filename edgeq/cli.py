@@ -162,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("devices", help="list the registered deploy targets")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_devices)
+
+    from .cli_remote import add_remote_commands
+
+    add_remote_commands(sub)
     return parser
 
 

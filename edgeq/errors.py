@@ -32,3 +32,7 @@ class InputError(EdgeqError):
 
 class RuntimeFailure(EdgeqError):
     """The TVM runtime reported an error while loading or running a library."""
+
+
+class RemoteError(EdgeqError):
+    """Remote testing failed: no server, refused token, lost connection, timeout, wrong device."""

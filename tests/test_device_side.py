@@ -40,7 +40,11 @@ def device_env(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
     pip = [str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     subprocess.run(pip + DEVICE_PACKAGES, check=True, timeout=600)
-    subprocess.run(pip + ["--no-deps", "--no-build-isolation", str(REPO_ROOT)], check=True, timeout=600)
+    # Build edgeq's wheel here (as a release would) and install just that on the "device".
+    wheels = env_dir.parent / "wheels"
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels)]
+    subprocess.run(build + [str(REPO_ROOT)], check=True, timeout=600)
+    subprocess.run(pip + ["--no-deps", *map(str, wheels.glob("edgeq-*.whl"))], check=True, timeout=600)
     return env_dir
 
 
