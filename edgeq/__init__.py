@@ -27,6 +27,7 @@ from .errors import (
     UnknownDeviceError,
     UnsupportedModelError,
 )
+from .detection import Detection, Detections
 from .manifest import Manifest
 from .postprocess import Class, Classification
 from .predictor import Predictor, load
@@ -34,12 +35,16 @@ from .predictor import Predictor, load
 if TYPE_CHECKING:  # host-side names, imported on first use
     from .compiler import CompileOptions
     from .packager import PackageOptions, PackageResult, package
+    from .quantization import QuantConfig, QuantizationReport, quantize
 
 _HOST_NAMES = {
     "package": "packager",
     "PackageOptions": "packager",
     "PackageResult": "packager",
     "CompileOptions": "compiler",
+    "quantize": "quantization",
+    "QuantConfig": "quantization",
+    "QuantizationReport": "quantization",
 }
 
 
@@ -57,6 +62,8 @@ __all__ = [
     "Class",
     "Classification",
     "CompileOptions",
+    "Detection",
+    "Detections",
     "Device",
     "EdgeqError",
     "InputError",
@@ -65,6 +72,8 @@ __all__ = [
     "PackageOptions",
     "PackageResult",
     "Predictor",
+    "QuantConfig",
+    "QuantizationReport",
     "RuntimeFailure",
     "UnknownDeviceError",
     "UnsupportedModelError",
@@ -72,4 +81,5 @@ __all__ = [
     "list_devices",
     "load",
     "package",
+    "quantize",
 ]

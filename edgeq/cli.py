@@ -45,12 +45,22 @@ def cmd_package(args: argparse.Namespace) -> int:
         overrides["resize"] = args.resize
     if args.center_crop is not None:
         overrides["center_crop"] = args.center_crop
+    if args.letterbox:
+        overrides["letterbox"] = True
+    postprocess = None
+    if args.postprocess is not None:
+        from .packager import read_postprocess
+
+        postprocess = read_postprocess(args.postprocess)
     options = PackageOptions(
         device=args.device,
         labels=args.labels,
         preprocess=overrides,
+        postprocess=postprocess,
         compile=CompileOptions(integer_lowering=not args.no_integer, default_schedules=not args.no_schedules),
         runtime_wheels=args.runtime_wheels,
+        quantize=_quant_config(args),
+        calibration=args.calibration,
     )
     result = package(args.model, args.output, options, progress=_progress_printer())
     report = result.manifest.compile_report
@@ -61,6 +71,19 @@ def cmd_package(args: argparse.Namespace) -> int:
     size = result.path.stat().st_size / 1e6
     print(f"wrote {result.path} ({size:.1f} MB) for {result.manifest.target.device} in {result.seconds:.1f} s")
     return 0
+
+
+def _quant_config(args: argparse.Namespace):
+    """QuantConfig for --quantize int8, or None (errors when calibration flags come without it)."""
+    if args.quantize is None:
+        if args.calibration is not None:
+            raise EdgeqError("--calibration is only used with --quantize int8")
+        return None
+    from .quantization import QuantConfig
+
+    if args.calibration is None:
+        raise EdgeqError("--quantize int8 needs --calibration DIR, a folder of pictures like the model's inputs")
+    return QuantConfig(method=args.calibration_method, samples=args.samples, symmetric=args.symmetric)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -98,13 +121,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predictor import load
+    from .detection import Detections
+    from .predictor import DETECTION_KINDS, load
 
     predictor = load(args.bundle, num_threads=args.threads)
+    if args.draw is not None and predictor.manifest.postprocess.kind not in DETECTION_KINDS:
+        raise EdgeqError(f"--draw needs a detection bundle; this one's post-processing is "
+                         f"{predictor.manifest.postprocess.kind!r}")
+    if args.draw is not None and len(args.images) > 1:
+        args.draw.mkdir(parents=True, exist_ok=True)
     for image in args.images:
         result = predictor.predict(image, top_k=args.top_k)
+        if args.draw is not None:
+            from .draw import draw_detections
+
+            out = args.draw / f"{Path(image).stem}.png" if len(args.images) > 1 else args.draw
+            draw_detections(image, result).save(out)
         if args.json:
-            print(json.dumps({"image": str(image), "classes": [asdict(c) for c in result.classes]}))
+            key = "detections" if isinstance(result, Detections) else "classes"
+            values = result.detections if isinstance(result, Detections) else result.classes
+            print(json.dumps({"image": str(image), key: [asdict(v) for v in values]}))
         else:
             print(f"{image}:")
             print(result)
@@ -140,9 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--color", choices=["rgb", "grey"], help="colour conversion before resizing")
     p.add_argument("--resize", choices=["bilinear", "nearest", "bicubic", "lanczos"], help="resize method")
     p.add_argument("--center-crop", type=float, help="keep this fraction of the shorter side, centred")
+    p.add_argument("--letterbox", action="store_true", help="keep the aspect ratio when resizing, padding the rest")
+    p.add_argument("--postprocess", type=Path, metavar="FILE.json",
+                   help="post-processing fields as JSON (e.g. detection anchors/decode/nms options)")
     p.add_argument("--no-integer", action="store_true", help="keep TVM's stock dequantize/float/quantize lowering")
     p.add_argument("--no-schedules", action="store_true", help="skip edgeq's CPU schedules (stock TVM loops)")
     p.add_argument("--runtime-wheels", type=Path, help="folder of apache-tvm/apache-tvm-ffi wheels (offline)")
+    p.add_argument("--quantize", choices=["int8"], help="calibrate a float model and package its int8 twin")
+    p.add_argument("--calibration", type=Path, metavar="DIR", help="folder of calibration pictures (--quantize)")
+    p.add_argument("--calibration-method", choices=["minmax", "percentile"], default="minmax",
+                   help="activation ranges: observed min/max, or the central 99.999%% of values")
+    p.add_argument("--samples", type=int, default=100, help="calibration pictures used at most (default 100)")
+    p.add_argument("--symmetric", action="store_true", help="symmetric int8 activations (zero point 0)")
     p.add_argument("--report", choices=["text", "json"], default="text", help="print the compile report as JSON")
     p.set_defaults(func=cmd_package)
 
@@ -151,12 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("predict", help="classify pictures with a bundle")
+    p = sub.add_parser("predict", help="classify pictures, or detect objects in them, with a bundle")
     p.add_argument("bundle", type=Path)
     p.add_argument("images", nargs="+")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON line per picture (classes or detections)")
+    p.add_argument("--draw", type=Path, metavar="OUT.png",
+                   help="write the picture with the detections drawn (a folder for several pictures)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("devices", help="list the registered deploy targets")

@@ -1,7 +1,7 @@
 """The bundle manifest: typed dataclasses and their JSON form (format version 1)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .errors import BundleFormatError
@@ -51,16 +51,100 @@ class Preprocess:
     std: tuple[float, ...] = (127.5,)
     standardize: bool = False
     raw_pixels: bool = False
+    letterbox: bool = False  # keep the aspect ratio when resizing; pad the rest with letterbox_fill
+    letterbox_fill: int = 0  # pixel value (0..255) of the letterbox padding
+
+
+@dataclass(frozen=True)
+class SsdAnchorOptions:
+    """SSD anchor generation (MediaPipe's SsdAnchorsCalculator options)."""
+
+    input_size_height: int
+    input_size_width: int
+    num_layers: int
+    strides: tuple[int, ...]
+    min_scale: float
+    max_scale: float
+    anchor_offset_x: float = 0.5
+    anchor_offset_y: float = 0.5
+    aspect_ratios: tuple[float, ...] = (1.0,)
+    reduce_boxes_in_lowest_layer: bool = False
+    interpolated_scale_aspect_ratio: float = 1.0
+    fixed_anchor_size: bool = False
+
+
+@dataclass(frozen=True)
+class BoxDecodeOptions:
+    """How one anchor's raw regressor values become a box and keypoints (TensorsToDetections)."""
+
+    box_output: int  # index of the (1, N, num_coords) regressors output
+    score_output: int  # index of the (1, N, num_classes) scores output
+    num_coords: int = 4
+    box_coord_offset: int = 0
+    keypoint_coord_offset: int = 4
+    num_keypoints: int = 0
+    num_values_per_keypoint: int = 2
+    x_scale: float = 1.0
+    y_scale: float = 1.0
+    w_scale: float = 1.0
+    h_scale: float = 1.0
+    reverse_output_order: bool = True  # boxes are (x, y, w, h) rather than (y, x, h, w)
+    apply_exponential_on_box_size: bool = False
+    sigmoid_score: bool = True
+    score_clipping_thresh: float | None = None
+
+
+@dataclass(frozen=True)
+class NmsOptions:
+    """Non-maximum suppression: "weighted" (MediaPipe's blending) or "hard" (greedy)."""
+
+    algorithm: str = "weighted"
+    iou_threshold: float = 0.3
+    max_detections: int | None = None
+
+
+@dataclass(frozen=True)
+class DetectionOutputs:
+    """Output indices of a model ending in TFLite's DETECTION_POSTPROCESS op."""
+
+    boxes: int = 0  # (1, N, 4) normalised (ymin, xmin, ymax, xmax)
+    classes: int = 1
+    scores: int = 2
+    count: int = 3
 
 
 @dataclass(frozen=True)
 class Postprocess:
-    """How raw outputs become a result."""
+    """How raw outputs become a result.
 
-    kind: str = "classification"  # "classification" or "raw"
+    ``kind``: "classification" (top-k), "ssd_anchors" (anchors + box decoding + NMS, the
+    ``anchors``/``decode``/``nms`` fields), "detection_postprocess" (the model already decodes:
+    ``detection_outputs``) or "raw".
+    """
+
+    kind: str = "classification"
     output_index: int = 0
     softmax: bool = False  # apply softmax to the dequantized output (it holds logits)
     top_k: int = 5
+    min_score: float = 0.5  # detections scoring below are dropped
+    anchors: SsdAnchorOptions | None = None
+    decode: BoxDecodeOptions | None = None
+    nms: NmsOptions | None = None
+    detection_outputs: DetectionOutputs | None = None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Postprocess":
+        """Parse the JSON form; the detection fields are optional (older manifests lack them)."""
+        values = dict(data)
+        for name, kind in (("anchors", SsdAnchorOptions), ("decode", BoxDecodeOptions),
+                           ("nms", NmsOptions), ("detection_outputs", DetectionOutputs)):
+            if values.get(name) is not None:
+                values[name] = kind(**values[name])
+        if values.get("anchors") is not None:
+            a = values["anchors"]
+            values["anchors"] = replace(a, strides=tuple(int(s) for s in a.strides),
+                                        aspect_ratios=tuple(float(r) for r in a.aspect_ratios))
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -145,7 +229,7 @@ class Manifest:
                 inputs=tuple(_tensor(t) for t in data["inputs"]),
                 outputs=tuple(_tensor(t) for t in data["outputs"]),
                 preprocess=_preprocess(data["preprocess"]),
-                postprocess=Postprocess(**data["postprocess"]),
+                postprocess=Postprocess.from_dict(data["postprocess"]),
                 labels=tuple(str(label) for label in data.get("labels", ())),
                 files=tuple(FileEntry(**f) for f in data["files"]),
                 compile_report=dict(data.get("compile_report") or {}),

@@ -1,10 +1,12 @@
 """Host side: ``package(model, device)`` -> one verified ``.edgeq`` bundle file."""
 from __future__ import annotations
 
+import json
+import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from . import __version__
 from .bundle import BUNDLE_SUFFIX, sha256_bytes, write_bundle
@@ -13,6 +15,10 @@ from .devices import Device, get_device
 from .errors import EdgeqError, UnsupportedModelError
 from .manifest import (
     FORMAT_VERSION,
+    BoxDecodeOptions,
+    DetectionOutputs,
+    NmsOptions,
+    SsdAnchorOptions,
     Manifest,
     Postprocess,
     Preprocess,
@@ -23,6 +29,9 @@ from .manifest import (
 )
 from .predictor import RUNTIME_DIR
 from .tflite_model import TFLiteModel, read_tflite
+
+if TYPE_CHECKING:
+    from .quantization import QuantConfig, QuantizationReport
 
 LIBRARY_NAME = "model/library.so"
 Progress = Callable[[str], None]
@@ -35,8 +44,11 @@ class PackageOptions:
     device: str = "x86_64"
     labels: Path | None = None  # a text file, one label per line, in class order
     preprocess: Mapping[str, Any] = field(default_factory=dict)  # overrides of Preprocess fields
+    postprocess: Mapping[str, Any] | None = None  # Postprocess fields (JSON form) over the detected ones
     compile: CompileOptions = CompileOptions()
     runtime_wheels: Path | None = None  # folder of apache-tvm / apache-tvm-ffi wheels (offline)
+    quantize: QuantConfig | None = None  # calibrate a float model and package its int8 twin
+    calibration: Path | None = None  # folder of calibration pictures (with ``quantize``)
 
 
 @dataclass(frozen=True)
@@ -62,13 +74,79 @@ def default_preprocess(model: TFLiteModel) -> Preprocess:
     return Preprocess(color=color)
 
 
+def blazeface_short_range(box_output: int = 0, score_output: int = 1) -> Postprocess:
+    """MediaPipe's face_detection_short_range settings: 896 anchors, 6 keypoints, weighted NMS."""
+    return Postprocess(
+        kind="ssd_anchors",
+        min_score=0.5,
+        anchors=SsdAnchorOptions(
+            input_size_height=128, input_size_width=128, num_layers=4, strides=(8, 16, 16, 16),
+            min_scale=0.1484375, max_scale=0.75, anchor_offset_x=0.5, anchor_offset_y=0.5,
+            aspect_ratios=(1.0,), fixed_anchor_size=True,
+        ),
+        decode=BoxDecodeOptions(
+            box_output=box_output, score_output=score_output, num_coords=16, box_coord_offset=0,
+            keypoint_coord_offset=4, num_keypoints=6, num_values_per_keypoint=2,
+            x_scale=128.0, y_scale=128.0, w_scale=128.0, h_scale=128.0,
+            reverse_output_order=True, sigmoid_score=True, score_clipping_thresh=100.0,
+        ),
+        nms=NmsOptions(algorithm="weighted", iou_threshold=0.3),
+    )
+
+
 def default_postprocess(model: TFLiteModel) -> Postprocess:
-    """Classification with top-5 for a single (1, N) scores output; raw outputs otherwise."""
+    """Post-processing recognised from the model's outputs.
+
+    Classification with top-5 for a single (1, N) scores output; the BlazeFace short-range
+    preset for a 128x128 model with (1, 896, 16) and (1, 896, 1) outputs; detection_postprocess
+    for four outputs of TFLite's DETECTION_POSTPROCESS (custom) op; raw outputs otherwise.
+    """
     classes = _class_count(model)
     if len(model.outputs) == 1 and classes >= 2 and max(model.outputs[0].shape) == classes:
         already_probabilities = model.output_producers[0] in ("SOFTMAX", "LOGISTIC")
         return Postprocess(kind="classification", softmax=not already_probabilities, top_k=min(5, classes))
+    shapes = [spec.shape for spec in model.outputs]
+    if len(shapes) == 2 and len(model.inputs) == 1 and model.inputs[0].shape[1:3] == (128, 128):
+        boxes = [i for i, s in enumerate(shapes) if s == (1, 896, 16)]
+        scores = [i for i, s in enumerate(shapes) if s == (1, 896, 1)]
+        if len(boxes) == 1 and len(scores) == 1:
+            return blazeface_short_range(boxes[0], scores[0])
+    if len(shapes) == 4 and set(model.output_producers) == {"CUSTOM"} and "CUSTOM" in model.ops:
+        boxes = [i for i, s in enumerate(shapes) if len(s) == 3 and s[-1] == 4]
+        counts = [i for i, s in enumerate(shapes) if len(s) <= 1]
+        if len(boxes) == 1 and len(counts) == 1:
+            rest = [i for i in range(4) if i not in (boxes[0], counts[0])]
+            # TFLite's op emits boxes, classes, scores, count in this order.
+            return Postprocess(kind="detection_postprocess",
+                               detection_outputs=DetectionOutputs(boxes[0], rest[0], rest[1], counts[0]))
     return Postprocess(kind="raw")
+
+
+def read_postprocess(path: str | Path) -> dict[str, Any]:
+    """A post-processing JSON file: Postprocess fields, e.g. {"kind": "ssd_anchors", "anchors": {...}}."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise EdgeqError(f"cannot read post-processing file {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise EdgeqError(f"{path} must hold a JSON object of post-processing fields")
+    return data
+
+
+def _postprocess(model: TFLiteModel, overrides: Mapping[str, Any] | None) -> Postprocess:
+    detected = default_postprocess(model)
+    if not overrides:
+        return detected
+    try:
+        base = asdict(detected) if "kind" not in overrides or overrides["kind"] == detected.kind else {}
+        post = Postprocess.from_dict({**base, **dict(overrides)})
+    except (TypeError, ValueError) as error:
+        raise EdgeqError(f"invalid post-processing options: {error}") from None
+    if post.kind == "ssd_anchors" and (post.anchors is None or post.decode is None):
+        raise EdgeqError("ssd_anchors post-processing needs 'anchors' and 'decode' options")
+    if post.kind == "detection_postprocess" and post.detection_outputs is None:
+        post = replace(post, detection_outputs=DetectionOutputs())
+    return post
 
 
 def _channels(spec: TensorSpec) -> int:
@@ -124,12 +202,21 @@ def package(
         preprocess = replace(default_preprocess(model), **dict(options.preprocess))
     except TypeError as error:
         raise EdgeqError(f"unknown pre-processing option: {error}") from None
-    postprocess = default_postprocess(model)
+    postprocess = _postprocess(model, options.postprocess)
     labels = model.labels
+    if not labels and postprocess.anchors is not None and postprocess.anchors == blazeface_short_range().anchors:
+        labels = ("face",)
     if options.labels is not None:
         labels = _read_labels(options.labels, _class_count(model) if postprocess.kind == "classification" else None)
 
-    library = compile_model(model, device, options.compile, say)
+    source_sha256 = sha256_bytes(model.data)
+    with tempfile.TemporaryDirectory(prefix="edgeq-quantize-") as workdir:
+        quantization = None
+        if options.quantize is not None:
+            model, quantization = _quantize(model, preprocess, options, Path(workdir), say)
+        library = compile_model(model, device, options.compile, say)
+    if quantization is not None:
+        library = replace(library, report={**library.report, "quantization": quantization.to_dict()})
     say(f"collecting the TVM runtime for {device.arch}")
     files, runtime = _runtime_files(device, options, say)
     files[LIBRARY_NAME] = library.data
@@ -137,7 +224,7 @@ def package(
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         edgeq_version=__version__,
-        source=SourceModel(name=model_path.name, format="tflite", sha256=sha256_bytes(model.data)),
+        source=SourceModel(name=model_path.name, format="tflite", sha256=source_sha256),
         target=TargetInfo(
             device=device.name,
             arch=device.arch,
@@ -166,3 +253,21 @@ def _class_count(model: TFLiteModel) -> int:
     for dim in model.outputs[0].shape:
         count *= dim
     return count
+
+
+def _quantize(
+    model: TFLiteModel, preprocess: Preprocess, options: PackageOptions, workdir: Path, say: Progress
+) -> tuple[TFLiteModel, QuantizationReport]:
+    """Calibrate ``model`` on the pictures in ``options.calibration`` and return its int8 twin."""
+    from .quantization import picture_calibration, quantize
+
+    if options.calibration is None:
+        raise EdgeqError("quantizing needs calibration pictures: give --calibration DIR (a folder of pictures)")
+    if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
+        raise EdgeqError("--calibration DIR needs a single-picture-input model; use edgeq.quantize() with tensors")
+    calibration = picture_calibration(options.calibration, model.inputs[0], preprocess, limit=options.quantize.samples)
+    output = workdir / f"{model.path.stem}_int8.tflite"
+    report = quantize(model.path, calibration, options.quantize, output, progress=say)
+    say(report.summary())
+    quantized = read_tflite(output)
+    return replace(quantized, labels=model.labels, normalization=model.normalization), report

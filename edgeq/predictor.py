@@ -15,13 +15,15 @@ import numpy as np
 
 from .bundle import Bundle, read_bundle
 from .compat import check_runs_here
+from .detection import Detections, detect, generate_anchors
 from .errors import InputError, RuntimeFailure
 from .manifest import Manifest
 from .postprocess import Classification, classify
-from .preprocess import ImageLike, picture_to_tensor
+from .preprocess import ImageLike, InputMapping, picture_to_tensor_mapped
 from .runtime import RelaxVM, TVMError, load_runtime
 
 RUNTIME_DIR = "runtime"
+DETECTION_KINDS = ("ssd_anchors", "detection_postprocess")
 
 
 class Predictor:
@@ -30,6 +32,7 @@ class Predictor:
     def __init__(self, bundle: Bundle, num_threads: int | None = None) -> None:
         self.manifest: Manifest = bundle.manifest
         self.path = bundle.path
+        self._anchors: np.ndarray | None = None
         check_runs_here(self.manifest)
         workdir = Path(tempfile.mkdtemp(prefix="edgeq-"))
         try:
@@ -81,14 +84,29 @@ class Predictor:
     # -- pictures ----------------------------------------------------------------------------
     def preprocess(self, image: ImageLike) -> list[np.ndarray]:
         """The input tensors for one picture, as the manifest's pre-processing makes them."""
+        return self._preprocess_mapped(image)[0]
+
+    def _preprocess_mapped(self, image: ImageLike) -> tuple[list[np.ndarray], InputMapping]:
         if len(self.manifest.inputs) != 1:
             raise InputError("predict() handles single-input models; use run() with tensors")
-        return [picture_to_tensor(image, self.manifest.inputs[0], self.manifest.preprocess)]
+        tensor, mapping = picture_to_tensor_mapped(image, self.manifest.inputs[0], self.manifest.preprocess)
+        return [tensor], mapping
 
-    def predict(self, image: ImageLike, top_k: int | None = None) -> Classification:
-        """Classify one picture (path, bytes, PIL image or HxWxC uint8 array)."""
-        outputs = self.run(self.preprocess(image))
+    def predict(self, image: ImageLike, top_k: int | None = None) -> Classification | Detections:
+        """Classify one picture, or detect objects in it (path, bytes, PIL image or HxWxC uint8 array).
+
+        Classifiers give a Classification (top-k classes); detectors give Detections in the
+        original picture's pixel coordinates (at most ``top_k`` of them when given).
+        """
+        tensors, mapping = self._preprocess_mapped(image)
+        outputs = self.run(tensors)
         post = self.manifest.postprocess
+        if post.kind in DETECTION_KINDS:
+            if self._anchors is None and post.kind == "ssd_anchors" and post.anchors is not None:
+                self._anchors = generate_anchors(post.anchors)
+            result = detect(outputs, self.manifest.outputs, post, self.manifest.labels,
+                            mapping.normalized_to_original, mapping.image_size, self._anchors)
+            return Detections(result.detections[:top_k], result.image_size) if top_k else result
         if post.kind != "classification":
             raise InputError(f"this bundle's post-processing is {post.kind!r}; use run() for raw outputs")
         return classify(outputs, self.manifest.outputs, post, self.manifest.labels, top_k)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import dataclass
 from typing import Union
 
 import numpy as np
@@ -61,24 +62,76 @@ def picture_size(spec: TensorSpec) -> tuple[int, int, int]:
     return height, width, channels
 
 
-def resize_picture(picture: Image.Image, height: int, width: int, options: Preprocess) -> Image.Image:
-    """Optionally centre-crop, then resize to (height, width) with the recorded method."""
+@dataclass(frozen=True)
+class InputMapping:
+    """Where the original picture lies in the model input: ``original = input * scale + offset``.
+
+    Input coordinates are continuous pixel coordinates of the model input (0..width); the
+    mapping undoes centre-crop, resizing and letterbox padding exactly.
+    """
+
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+    input_size: tuple[int, int]  # (width, height) of the model input
+    image_size: tuple[int, int]  # (width, height) of the original picture
+
+    def to_original(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Points in input pixels -> points in original pixels."""
+        return np.asarray(xs) * self.scale_x + self.offset_x, np.asarray(ys) * self.scale_y + self.offset_y
+
+    def normalized_to_original(self, xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Points normalised to the input (0..1) -> points in original pixels."""
+        return self.to_original(np.asarray(xs) * self.input_size[0], np.asarray(ys) * self.input_size[1])
+
+
+def fit_picture(picture: Image.Image, height: int, width: int, options: Preprocess) -> tuple[Image.Image, InputMapping]:
+    """Centre-crop, resize (or letterbox) to (height, width); returns the picture and its mapping."""
+    image_size = picture.size
+    left = top = 0.0
     if options.center_crop:
         side = min(picture.size) * options.center_crop
-        left = (picture.width - side) / 2
-        top = (picture.height - side) / 2
-        picture = picture.crop((round(left), round(top), round(left + side), round(top + side)))
+        x0, y0 = (picture.width - side) / 2, (picture.height - side) / 2
+        box = (round(x0), round(y0), round(x0 + side), round(y0 + side))
+        left, top = float(box[0]), float(box[1])
+        picture = picture.crop(box)
+    source_w, source_h = picture.size
+    if options.letterbox:
+        ratio = min(width / source_w, height / source_h)
+        new_w = min(width, max(1, round(source_w * ratio)))
+        new_h = min(height, max(1, round(source_h * ratio)))
+        pad_x, pad_y = (width - new_w) // 2, (height - new_h) // 2
+        if (new_w, new_h) != picture.size:
+            picture = picture.resize((new_w, new_h), _RESAMPLE[options.resize])
+        fill = options.letterbox_fill if picture.mode == "L" else (options.letterbox_fill,) * len(picture.getbands())
+        canvas = Image.new(picture.mode, (width, height), fill)
+        canvas.paste(picture, (pad_x, pad_y))
+        sx, sy = source_w / new_w, source_h / new_h
+        mapping = InputMapping(sx, sy, left - pad_x * sx, top - pad_y * sy, (width, height), image_size)
+        return canvas, mapping
     if picture.size != (width, height):
         picture = picture.resize((width, height), _RESAMPLE[options.resize])
-    return picture
+    mapping = InputMapping(source_w / width, source_h / height, left, top, (width, height), image_size)
+    return picture, mapping
+
+
+def resize_picture(picture: Image.Image, height: int, width: int, options: Preprocess) -> Image.Image:
+    """Optionally centre-crop, then resize (or letterbox) to (height, width) with the recorded method."""
+    return fit_picture(picture, height, width, options)[0]
 
 
 def picture_to_tensor(image: ImageLike, spec: TensorSpec, options: Preprocess) -> np.ndarray:
     """Turn one picture into the model's input tensor (batch 1) for ``spec``."""
+    return picture_to_tensor_mapped(image, spec, options)[0]
+
+
+def picture_to_tensor_mapped(image: ImageLike, spec: TensorSpec, options: Preprocess) -> tuple[np.ndarray, InputMapping]:
+    """The input tensor for one picture and how input coordinates map back to the picture."""
     height, width, channels = picture_size(spec)
     picture = open_image(image)
     picture = picture.convert("L" if options.color == "grey" else "RGB")
-    picture = resize_picture(picture, height, width, options)
+    picture, mapping = fit_picture(picture, height, width, options)
     pixels = np.asarray(picture, dtype=np.uint8)
     if pixels.ndim == 2:
         pixels = pixels[..., None]
@@ -87,7 +140,7 @@ def picture_to_tensor(image: ImageLike, spec: TensorSpec, options: Preprocess) -
     tensor = _encode(pixels, spec, options)[None]
     if spec.layout == "NCHW":
         tensor = tensor.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(tensor)
+    return np.ascontiguousarray(tensor), mapping
 
 
 def _encode(pixels: np.ndarray, spec: TensorSpec, options: Preprocess) -> np.ndarray:

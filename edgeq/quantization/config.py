@@ -1,0 +1,142 @@
+"""What to quantize with: ``QuantConfig`` and the calibration-data protocol."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence, Union
+
+import numpy as np
+
+from ..errors import EdgeqError, InputError
+from ..manifest import Preprocess, TensorSpec
+
+METHODS = ("minmax", "percentile")
+ACTIVATION_DTYPES = ("int8",)
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+#: One calibration sample: ``{input name: tensor}``, one tensor (single-input models) or a
+#: sequence of tensors in the model's input order. A batch dimension may be left out.
+Sample = Union[Mapping[str, np.ndarray], np.ndarray, Sequence[np.ndarray]]
+#: Calibration data: anything iterable over samples (a list, a generator, a class with __iter__).
+Calibration = Iterable[Sample]
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a float model is calibrated and quantized.
+
+    Activations are int8 per tensor (asymmetric, or symmetric with zero point 0 when ``symmetric``);
+    weights are int8 symmetric per output channel; biases int32 with scale s_input * s_weight.
+    """
+
+    method: str = "minmax"  # "minmax": observed range; "percentile": clip the histogram's tails
+    samples: int = 100  # calibration samples used at most
+    symmetric: bool = False  # symmetric activations (zero point 0)
+    activation_dtype: str = "int8"
+    percentile: float = 99.999  # "percentile": keep this share (%) of each tensor's values
+    bins: int = 2048  # "percentile": histogram bins per tensor
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            hint = " (entropy calibration is not implemented yet)" if self.method == "entropy" else ""
+            raise EdgeqError(f"calibration method must be one of {', '.join(METHODS)}, not {self.method!r}{hint}")
+        if self.activation_dtype not in ACTIVATION_DTYPES:
+            raise EdgeqError(f"activation dtype must be one of {ACTIVATION_DTYPES}, not {self.activation_dtype!r}")
+        if self.samples < 1:
+            raise EdgeqError(f"samples must be at least 1, not {self.samples}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise EdgeqError(f"percentile must be in (50, 100], not {self.percentile}")
+        if self.bins < 16:
+            raise EdgeqError(f"bins must be at least 16, not {self.bins}")
+
+
+def as_feeds(sample: Sample, inputs: Sequence[TensorSpec]) -> Iterator[list[np.ndarray]]:
+    """One calibration sample as input lists for the model (split along the batch when larger)."""
+    if isinstance(sample, Mapping):
+        missing = [spec.name for spec in inputs if spec.name not in sample]
+        if missing and len(sample) == len(inputs):
+            arrays = list(sample.values())  # names differ (e.g. without ':0'): take them in order
+        elif missing:
+            raise InputError(f"calibration sample lacks inputs {missing}; it has {sorted(sample)}")
+        else:
+            arrays = [sample[spec.name] for spec in inputs]
+    elif isinstance(sample, np.ndarray):
+        arrays = [sample]
+    else:
+        arrays = list(sample)
+    if len(arrays) != len(inputs):
+        raise InputError(f"calibration sample has {len(arrays)} tensors; the model has {len(inputs)} inputs")
+    shaped = []
+    for array, spec in zip(arrays, inputs):
+        array = np.asarray(array, dtype=spec.dtype)
+        if array.ndim == len(spec.shape) - 1:
+            array = array[None]
+        if array.ndim != len(spec.shape) or tuple(array.shape[1:]) != tuple(spec.shape[1:]):
+            raise InputError(f"calibration tensor for {spec.name} has shape {array.shape}; the model wants {spec.shape}")
+        shaped.append(array)
+    batch = shaped[0].shape[0]
+    step = max(spec.shape[0] for spec in inputs) or 1
+    for start in range(0, batch, step):
+        yield [np.ascontiguousarray(a[start : start + step]) for a in shaped]
+
+
+def picture_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The picture files in ``folder`` (recursively), sorted by path."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"calibration folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in PICTURE_SUFFIXES)
+    if not files:
+        raise InputError(f"calibration folder {root} holds no pictures ({', '.join(PICTURE_SUFFIXES)})")
+    return files
+
+
+@dataclass(frozen=True)
+class PictureCalibration:
+    """A folder of pictures as calibration data, through a bundle's own pre-processing.
+
+    Iterating yields ``{input name: tensor}`` made by ``edgeq.preprocess.picture_to_tensor`` with
+    the model's input spec and ``preprocess`` (the same call a bundle's ``predict`` makes).
+    """
+
+    files: tuple[Path, ...]
+    spec: TensorSpec
+    preprocess: Preprocess
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        from ..preprocess import picture_to_tensor
+
+        for path in self.files:
+            yield {self.spec.name: picture_to_tensor(path, self.spec, self.preprocess)}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def picture_calibration(
+    folder: str | os.PathLike[str],
+    model: str | os.PathLike[str] | TensorSpec,
+    preprocess: Preprocess | None = None,
+    limit: int | None = None,
+) -> PictureCalibration:
+    """Calibration data from a folder of pictures for a single-picture-input model.
+
+    ``model`` is the .tflite path (its first input's spec is used) or that spec; ``preprocess``
+    defaults to what ``edgeq package`` would record for the model. ``limit`` keeps the first N files.
+    """
+    if isinstance(model, TensorSpec):
+        spec = model
+        if preprocess is None:
+            raise EdgeqError("picture_calibration needs a Preprocess when given a TensorSpec")
+    else:
+        from ..packager import default_preprocess
+        from ..tflite_model import read_tflite
+
+        parsed = read_tflite(model)
+        if len(parsed.inputs) != 1 or len(parsed.inputs[0].shape) != 4:
+            raise InputError(f"{Path(model).name} is not a single-picture-input model; pass tensors instead")
+        spec = parsed.inputs[0]
+        preprocess = preprocess or default_preprocess(parsed)
+    files = picture_files(folder)
+    return PictureCalibration(tuple(files[:limit] if limit else files), spec, preprocess)

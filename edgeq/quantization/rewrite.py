@@ -1,0 +1,220 @@
+"""Write the fully-quantized int8 twin of a float TFLite graph from calibrated ranges.
+
+The same ops in the same order, with QUANTIZE after each float input and DEQUANTIZE before each
+float output; int8 activations per tensor; int8 weights symmetric per output channel (CONV_2D,
+FULLY_CONNECTED: axis 0, DEPTHWISE_CONV_2D: axis 3); int32 biases with scale s_in * s_w and zero
+point 0. Ops whose int8 kernels need it keep their input's quantization (pooling, reshapes, PAD,
+CONCATENATION inputs) or get TFLite's fixed output quantization (SOFTMAX, LOGISTIC: 1/256, -128;
+TANH: 1/128, 0).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..errors import UnsupportedModelError
+from ..int8.graph import Graph, Operator
+from ..tflite_builder import Q, TFLiteBuilder
+from .config import QuantConfig
+
+WEIGHT_AXIS = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 0}
+SAME_AS_INPUT = {"RESHAPE", "SQUEEZE", "EXPAND_DIMS", "AVERAGE_POOL_2D", "MAX_POOL_2D", "PAD", "TRANSPOSE"}
+FIXED_OUTPUT = {"SOFTMAX": (1.0 / 256, -128), "LOGISTIC": (1.0 / 256, -128), "TANH": (1.0 / 128, 0)}
+FREE_OUTPUT = {"ADD", "SUB", "MUL", "MEAN", "HARD_SWISH", "RELU", "RELU6", "CONCATENATION"} | set(WEIGHT_AXIS)
+SUPPORTED = SAME_AS_INPUT | set(FIXED_OUTPUT) | FREE_OUTPUT
+# Ops TFLite's int8 kernels only accept with one quantization shared by all inputs and the output.
+SHARED_INPUTS = {"CONCATENATION"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The written model's tensor for each float activation tensor, and its quantization."""
+
+    tensor: dict[int, int]  # float graph tensor index -> int8 tensor index in the new model
+    quant: dict[int, tuple[float, int]]  # float graph tensor index -> (scale, zero point)
+    ranges: dict[int, tuple[float, float]]  # the (low, high) each scale was derived from
+
+
+def check_supported(graph: Graph, model_name: str) -> None:
+    """Raise UnsupportedModelError naming the ops (or tensor types) quantize() cannot handle."""
+    if any(t.dtype in ("int8", "uint8", "int16") and t.quant is not None for t in graph.tensors):
+        raise UnsupportedModelError(f"{model_name} is already quantized; package it directly (no --quantize)")
+    missing = sorted(
+        {op.name for op in graph.operators if op.name not in SUPPORTED and not _is_fp16_weight(graph, op)}
+    )
+    if missing:
+        raise UnsupportedModelError(
+            f"{model_name} uses ops edgeq cannot quantize yet: {', '.join(missing)}. "
+            f"Supported: {', '.join(sorted(SUPPORTED))}."
+        )
+    for index in graph.inputs:
+        if graph.tensors[index].dtype != "float32":
+            raise UnsupportedModelError(f"{model_name}: input {graph.tensors[index].name} is not float32")
+
+
+def _is_fp16_weight(graph: Graph, op: Operator) -> bool:
+    return op.name == "DEQUANTIZE" and graph.tensors[op.inputs[0]].dtype == "float16" and graph.tensors[op.inputs[0]].is_const
+
+
+def float_constants(graph: Graph) -> dict[int, np.ndarray]:
+    """Constant float tensors, float16 weights (DEQUANTIZE of a constant) widened to float32."""
+    constants = {t.index: t.data for t in graph.tensors if t.is_const and t.dtype == "float32"}
+    for op in graph.operators:
+        if _is_fp16_weight(graph, op):
+            constants[op.outputs[0]] = graph.tensors[op.inputs[0]].data.astype(np.float32)
+    return constants
+
+
+def activation_tensors(graph: Graph) -> list[int]:
+    """Float tensors computed at run time: the inputs and every op output (fp16 weight folds excluded)."""
+    computed = list(graph.inputs)
+    for op in graph.operators:
+        if not _is_fp16_weight(graph, op):
+            computed += [i for i in op.outputs if i not in computed]
+    return computed
+
+
+def activation_quant(low: float, high: float, symmetric: bool) -> tuple[float, int]:
+    """int8 (scale, zero point) covering [low, high] and real 0 exactly."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    if symmetric:
+        bound = max(-low, high)
+        return (float(np.float32(bound / 127.0)) if bound > 0 else 1.0 / 256), 0
+    if high - low <= 0:
+        return 1.0 / 256, -128
+    scale = float(np.float32((high - low) / 255.0))
+    zero_point = int(np.clip(np.round(-128 - low / scale), -128, 127))
+    return scale, zero_point
+
+
+def weight_quant(weights: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """int8 symmetric per-channel (values, float32 scales) along ``axis``."""
+    moved = np.moveaxis(weights, axis, 0).reshape(weights.shape[axis], -1)
+    bound = np.abs(moved).max(axis=1)
+    scales = np.where(bound > 0, bound / 127.0, 1.0).astype(np.float32)
+    shape = [1] * weights.ndim
+    shape[axis] = -1
+    values = np.clip(np.round(weights / scales.reshape(shape)), -127, 127).astype(np.int8)
+    return values, scales
+
+
+def _tie_shared_inputs(graph: Graph, ranges: dict[int, tuple[float, float]], consumers: dict[int, int]) -> None:
+    """Give CONCATENATION's single-use, freely quantized inputs the output's (union) range."""
+    producers = {o: op for op in graph.operators for o in op.outputs}
+    for op in graph.operators:
+        if op.name not in SHARED_INPUTS:
+            continue
+        inputs = [i for i in op.inputs if i in ranges]
+        union = (min(ranges[i][0] for i in inputs + [op.outputs[0]]), max(ranges[i][1] for i in inputs + [op.outputs[0]]))
+        ranges[op.outputs[0]] = union
+        for index in inputs:
+            producer = producers.get(index)
+            free = producer is None or producer.name in FREE_OUTPUT
+            if free and consumers.get(index, 0) == 1 and index not in graph.outputs:
+                ranges[index] = union
+
+
+def _options(op: Operator) -> dict:
+    """The op's builtin options as TFLiteBuilder.op keywords (copied field by field)."""
+    options = op.options
+    if options is None:
+        return {}
+    table = type(options).__name__
+    module = importlib.import_module(f"tflite.{table}")
+    fields = {}
+    for name in dir(module):
+        if not name.startswith(f"{table}Add"):
+            continue
+        key = name[len(table) + 3 :]
+        if hasattr(options, f"{key}AsNumpy"):
+            vector = getattr(options, f"{key}AsNumpy")()
+            fields[key] = [int(v) for v in np.atleast_1d(vector)] if isinstance(vector, np.ndarray) else []
+        elif hasattr(options, key):
+            value = getattr(options, key)()
+            if isinstance(value, (bool, int, float, np.integer, np.floating)):
+                fields[key] = value
+    return fields
+
+
+def write_quantized(
+    graph: Graph,
+    ranges: dict[int, tuple[float, float]],
+    config: QuantConfig,
+    say: Callable[[str], None] = lambda _: None,
+) -> tuple[bytes, Plan]:
+    """The int8 model's flatbuffer bytes and where each float activation went."""
+    constants = float_constants(graph)
+    consumers: dict[int, int] = {}
+    for op in graph.operators:
+        for index in op.inputs:
+            consumers[index] = consumers.get(index, 0) + 1
+    ranges = dict(ranges)
+    _tie_shared_inputs(graph, ranges, consumers)
+
+    b = TFLiteBuilder()
+    quant: dict[int, tuple[float, int]] = {}
+    new: dict[int, int] = {}
+    for index in graph.inputs:
+        tensor = graph.tensors[index]
+        quant[index] = activation_quant(*ranges[index], config.symmetric)
+        real = b.input(tensor.shape, "float32", name=tensor.name)
+        new[index] = b.quantize(real, Q(*quant[index]))
+        b.tensors[new[index]].name = f"{tensor.name}/int8"
+
+    def const_input(index: int, op: Operator, position: int, input_scale: float | None) -> int:
+        if index < 0:
+            return -1
+        tensor = graph.tensors[index]
+        if index not in constants:  # int32 shapes, axes, paddings: unchanged
+            if tensor.data is None:
+                raise UnsupportedModelError(f"{op.name} #{op.index}: input {tensor.name} is neither computed nor constant")
+            return b.constant(tensor.data, name=tensor.name)
+        data = constants[index]
+        if op.name in WEIGHT_AXIS and position == 1:
+            values, scales = weight_quant(data, WEIGHT_AXIS[op.name])
+            return b.constant(values, Q(scales.tolist(), 0, axis=WEIGHT_AXIS[op.name]), name=tensor.name)
+        if op.name in WEIGHT_AXIS and position == 2:
+            weights = constants[op.inputs[1]]
+            _, w_scales = weight_quant(weights, WEIGHT_AXIS[op.name])
+            scales = (np.float64(np.float32(input_scale)) * w_scales.astype(np.float64)).astype(np.float32)
+            q = np.clip(np.round(data.astype(np.float64) / scales), -(2**31), 2**31 - 1).astype(np.int32)
+            return b.constant(q, Q(scales.tolist(), 0), name=tensor.name)
+        scale, zero_point = activation_quant(float(data.min()), float(data.max()), config.symmetric)
+        q = np.clip(np.round(data / np.float32(scale)) + zero_point, -128, 127).astype(np.int8)
+        return b.constant(q, Q(scale, zero_point), name=tensor.name)
+
+    for op in graph.operators:
+        if _is_fp16_weight(graph, op):
+            continue
+        out = op.outputs[0]
+        first = next((i for i in op.inputs if i in new), None)
+        if first is None:
+            raise UnsupportedModelError(f"{op.name} #{op.index} computes on constants only; fold it before quantizing")
+        if op.name in SAME_AS_INPUT:
+            quant[out] = quant[first]
+        elif op.name in FIXED_OUTPUT:
+            quant[out] = FIXED_OUTPUT[op.name]
+        else:
+            quant[out] = activation_quant(*ranges[out], config.symmetric)
+        inputs = []
+        for position, index in enumerate(op.inputs):
+            if index in new:
+                value = new[index]
+                if op.name in SHARED_INPUTS and quant[index] != quant[out]:
+                    value = b.quantize(value, Q(*quant[out]))  # requantize to the shared scale
+                inputs.append(value)
+            else:
+                inputs.append(const_input(index, op, position, quant[first][0]))
+        tensor = graph.tensors[out]
+        new[out] = b.tensor(tensor.shape, "int8", Q(*quant[out]), name=tensor.name)
+        b.op(op.name, inputs, [new[out]], **_options(op))
+    for index in graph.outputs:
+        real = b.dequantize(new[index])
+        b.tensors[real].name = graph.tensors[index].name
+        b.tensors[new[index]].name = f"{graph.tensors[index].name}/int8"
+        b.output(real)
+    say(f"wrote {len(b.ops)} int8 ops")
+    return b.build(), Plan(tensor=new, quant=quant, ranges=ranges)
