@@ -105,6 +105,6 @@ def lower_resize_nearest(ctx: LoweringContext, op: Operator) -> Lowered:
     x = ctx.value(inp.index)
     for axis in (1, 2):
         indices = _nearest_indices(inp.shape[axis], out.shape[axis], align, half)
-        x = ctx.bb.emit(R.take(x, array_const(indices), axis=axis))
+        x = ctx.bb.emit(R.take(x, array_const(indices), axis=axis, mode="clip"))
     ctx.set(out.index, x)
     return Lowered()

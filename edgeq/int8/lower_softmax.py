@@ -92,8 +92,8 @@ def lower_softmax(ctx: LoweringContext, op: Operator) -> Lowered:
     x = ctx.value(inp.index)
     row_max = R.max(x, axis=-1, keepdims=True)
     index = bb.emit(R.add(R.subtract(R.astype(x, "int32"), R.astype(row_max, "int32")), const(255, "int32")))
-    exp_values = bb.emit(R.take(array_const(exps), index, axis=0))
-    sum_of_exps = bb.emit(R.astype(R.sum(R.take(array_const(terms), index, axis=0), axis=-1, keepdims=True), "int64"))
+    exp_values = bb.emit(R.take(array_const(exps), index, axis=0, mode="clip"))
+    sum_of_exps = bb.emit(R.astype(R.sum(R.take(array_const(terms), index, axis=0, mode="clip"), axis=-1, keepdims=True), "int64"))
     # GetReciprocal: headroom_plus_one = CountLeadingZeros(sum) = 32 - bit length.
     powers = array_const(np.left_shift(np.int64(1), np.arange(32, dtype=np.int64)))
     bit_length = R.sum(R.astype(R.greater_equal(R.expand_dims(sum_of_exps, -1), powers), "int64"), axis=-1)

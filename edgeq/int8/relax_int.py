@@ -133,7 +133,7 @@ def lookup(bb: relax.BlockBuilder, x: relax.Expr, table: np.ndarray) -> relax.Ex
     index = R.astype(x, "int32")
     if lo:
         index = R.subtract(index, const(lo, "int32"))
-    return bb.emit(R.take(array_const(table), bb.emit(index), axis=0))
+    return bb.emit(R.take(array_const(table), bb.emit(index), axis=0, mode="clip"))
 
 
 def rounded_division(bb: relax.BlockBuilder, acc: relax.Expr, count: np.ndarray | int) -> relax.Expr:

@@ -1,0 +1,162 @@
+"""CPU latency of the shared TFLite models: edgeq default schedules vs stock TVM vs TFLite.
+
+One table per model: median latency over repeated runs and the ratio to the TFLite reference
+interpreter (XNNPACK, same thread count). Rows:
+
+* ``edgeq``       -- stock ``from_tflite`` import (QDQ float for quantized models), built with
+                     :func:`edgeq.schedules.build_cpu`;
+* ``edgeq int8``  -- integer import (:func:`edgeq.int8.import_integer`) built with ``build_cpu``,
+                     only for quantized models and when ``edgeq.int8`` is available;
+* ``stock TVM``   -- the same stock import through ``tvm.compile`` (cpu_generic, no schedules);
+* ``TFLite``      -- ``ai_edge_litert`` interpreter.
+
+    python benchmarks/cpu_latency.py [--threads 2] [--repeat 30] [--mcpu haswell] [--no-stock]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO.parent / "shared" / "models" / "tflite"
+DEFAULT_MODELS = ("efficientnet_lite0_uint8.tflite", "mltk_rps96_float32.tflite", "mltk_rps96_int8.tflite")
+
+
+def _median_ms(run: Callable[[], object], repeat: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _inputs(shapes_dtypes: list[tuple[list[int], str]]) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    out = []
+    for shape, dtype in shapes_dtypes:
+        if np.issubdtype(np.dtype(dtype), np.integer):
+            info = np.iinfo(dtype)
+            out.append(rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype))
+        else:
+            out.append(rng.standard_normal(shape).astype(dtype))
+    return out
+
+
+def _tvm_runner(executable: object, inputs: list[np.ndarray]) -> Callable[[], object]:
+    import tvm
+    from tvm import relax
+
+    dev = tvm.cpu()
+    vm = relax.VirtualMachine(executable, dev)
+    args = [tvm.runtime.tensor(x, dev) for x in inputs]
+    return lambda: vm["main"](*args)
+
+
+def _relax_inputs(mod: object) -> list[tuple[list[int], str]]:
+    return [([int(s) for s in p.ty.shape], str(p.ty.dtype)) for p in mod["main"].params]
+
+
+def bench_model(path: Path, target: object, threads: int, repeat: int, stock: bool) -> list[tuple[str, float | None, str]]:
+    """Return rows (name, median ms or None, note) for one model."""
+    import tflite
+    import tvm
+    import tvm.relax.frontend.tflite  # noqa: F401  (registers from_tflite)
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgeq.schedules import build_cpu
+
+    rows: list[tuple[str, float | None, str]] = []
+    log = lambda msg: print(f"  ... {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    interp = Interpreter(model_path=str(path), num_threads=threads)
+    interp.allocate_tensors()
+    details = interp.get_input_details()
+    ref_inputs = _inputs([(list(d["shape"]), np.dtype(d["dtype"]).name) for d in details])
+
+    def run_ref() -> None:
+        for d, x in zip(details, ref_inputs):
+            interp.set_tensor(d["index"], x)
+        interp.invoke()
+
+    mod = tvm.relax.frontend.tflite.from_tflite(tflite.Model.GetRootAsModel(path.read_bytes(), 0))
+    inputs = _inputs(_relax_inputs(mod))
+    log("edgeq build")
+    start = time.perf_counter()
+    executable = build_cpu(mod, target)
+    rows.append(("edgeq (stock import)", _median_ms(_tvm_runner(executable, inputs), repeat),
+                 f"build {time.perf_counter() - start:.1f} s"))
+    if "int8" in path.name or "uint8" in path.name:
+        try:
+            from edgeq.int8 import import_integer
+
+            log("int8 import + build")
+
+            imod, _report = import_integer(str(path))
+            executable = build_cpu(imod, target)
+            rows.append(("edgeq int8 (import_integer)",
+                         _median_ms(_tvm_runner(executable, _inputs(_relax_inputs(imod))), repeat), ""))
+        except Exception as err:  # noqa: BLE001  (a benchmark row, not a product path)
+            rows.append(("edgeq int8 (import_integer)", None, f"{type(err).__name__}: {str(err)[:60]}"))
+    if stock:
+        log("stock build")
+        executable = tvm.compile(mod, target=target)
+        rows.append(("stock TVM (cpu_generic)", _median_ms(_tvm_runner(executable, inputs), max(3, repeat // 5)), ""))
+    log("reference")
+    rows.append(("TFLite reference", _median_ms(run_ref, repeat), f"{threads} threads, XNNPACK"))
+    return rows
+
+
+def _default_target(mcpu: str | None, threads: int) -> object:
+    import tvm
+
+    if platform.machine() in ("aarch64", "arm64"):
+        spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu or "cortex-a72", "mattr": ["+neon"]}
+    else:
+        spec = {"kind": "llvm", "mcpu": mcpu or "haswell"}
+    spec["num-cores"] = threads
+    return tvm.target.Target(spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", help="tflite files (default: shared models)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--mcpu", default=None, help="LLVM CPU name (default haswell / cortex-a72)")
+    parser.add_argument("--no-stock", action="store_true", help="skip the (slow) stock TVM build")
+    args = parser.parse_args(argv)
+    # The TVM thread pool reads TVM_NUM_THREADS once, when it starts.
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    sys.path.insert(0, str(REPO))
+
+    paths = [Path(m) for m in args.models] or [MODELS / m for m in DEFAULT_MODELS]
+    target = _default_target(args.mcpu, args.threads)
+    print(f"target {target}, {args.threads} threads, median of {args.repeat} runs")
+    for path in paths:
+        if not path.exists():
+            print(f"\n{path.name}: missing, skipped")
+            continue
+        print(f"\n{path.name}", flush=True)
+        rows = bench_model(path, target, args.threads, args.repeat, not args.no_stock)
+        ref = rows[-1][1]
+        print(f"| {'runtime':<28} | {'median ms':>9} | {'x reference':>11} | note")
+        print(f"|{'-' * 30}|{'-' * 11}|{'-' * 13}|-----")
+        for name, ms, note in rows:
+            shown = f"{ms:9.2f}" if ms is not None else f"{'-':>9}"
+            ratio = f"{ms / ref:11.2f}" if ms is not None and ref else f"{'-':>11}"
+            print(f"| {name:<28} | {shown} | {ratio} | {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

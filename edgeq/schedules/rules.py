@@ -1,0 +1,360 @@
+"""Default CPU schedules for the PrimFuncs that Relax legalization + fusion produce.
+
+Two strategies, tried in order on a fresh schedule each:
+
+* ``anchored``: one reduction block (conv2d, depthwise conv2d, dense/matmul, pooling, mean)
+  with cheap producers inlined and the elementwise epilogue computed inside its tiles.  The
+  reduction is register-tiled: the innermost output axis (channels, NHWC) is split into a few
+  vector registers, the next axis (width) into a small unrolled tile, reductions sit between
+  the outer (parallel) and the register loops, the accumulator lives in a small stack buffer.
+* ``blockwise``: every block alone: elementwise blocks get their innermost axis vectorized
+  and their outer loops fused and run in parallel; other reductions (softmax, ...) get their
+  spatial loops in parallel.
+
+Every step keeps the order in which each output accumulates its terms, so integer outputs are
+bit-identical to the unscheduled build.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir.schedule import LoopRV, SBlockRV
+from tvm.s_tir.schedule.analysis import is_output_block
+
+from .target import CpuInfo
+
+log = logging.getLogger(__name__)
+
+# Elementwise work below this many elements runs on one thread (pool wake-up costs ~µs).
+_MIN_PARALLEL_ELEMS = 4096
+# Largest register tile along the width axis.
+_MAX_WIDTH_TILE = 8
+# Inlining stops when a consumer's expression would grow past this many nodes: values read
+# several times (integer requantization) would otherwise grow exponentially along a chain.
+_MAX_INLINED_NODES = 64
+_MAX_DUPLICATED_NODES = 64
+# Functions whose largest loop nest is smaller than this keep the default (unscheduled) code.
+_MIN_SCHEDULED_ELEMS = 512
+_CHEAP_CALLS = ("tirx.if_then_else", "prim.if_then_else")
+# Vector tiles are 4, 2 or 1 registers: odd multiples (24 floats) made LLVM emit slow shuffles.
+_VEC_CHOICES = (4, 2, 1)
+
+
+def schedule_func(func: tirx.PrimFunc, info: CpuInfo) -> tirx.PrimFunc | None:
+    """Return ``func`` scheduled for ``info``'s CPU, or None when no strategy applies."""
+    if _max_elements(s_tir.Schedule(func)) < _MIN_SCHEDULED_ELEMS:
+        return None  # scalar-sized work: threads and vectors would not pay off
+    fuse_limit = 1 << 30
+    strategies: list[Callable[[s_tir.Schedule, CpuInfo], bool]] = [
+        lambda sch, info: _anchored(sch, info, fuse_limit),
+        lambda sch, info: _anchored(sch, info, fuse_limit),  # retried once with a fuse limit
+        _blockwise,
+    ]
+    for strategy in strategies:
+        sch = s_tir.Schedule(func)
+        try:
+            if strategy(sch, info):
+                return sch.mod["main"]
+        except _FuseLimit as limit:
+            fuse_limit = limit.limit
+        except (RuntimeError, ValueError) as err:  # ScheduleError and TVM errors are RuntimeErrors
+            log.debug("strategy failed: %s", str(err))
+    return None
+
+
+# ---------------------------------------------------------------- analysis helpers
+
+
+def _root(sch: s_tir.Schedule) -> SBlockRV:
+    return sch.get_sblock("root")
+
+
+def _is_reduction(sch: s_tir.Schedule, block: SBlockRV) -> bool:
+    return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
+
+
+def _children(node: object) -> list[object]:
+    """Sub-expressions of a TIR expression or buffer store."""
+    if isinstance(node, tvm.ir.Call):
+        return list(node.args)
+    if isinstance(node, (tirx.BufferStore, tvm.ir.expr.TensorLoad)):
+        return [*node.indices, *([node.value] if isinstance(node, tirx.BufferStore) else [])]
+    fields = ("a", "b", "value", "condition", "true_value", "false_value", "body", "base", "stride")
+    return [c for c in (getattr(node, f, None) for f in fields) if isinstance(c, tvm.ir.Expr)]
+
+
+def _walk(node: object) -> list[object]:
+    """All nodes of an expression tree, pre-order."""
+    out, stack = [], [node]
+    while stack:
+        current = stack.pop()
+        out.append(current)
+        stack.extend(_children(current))
+    return out
+
+
+def _has_costly_call(node: object) -> bool:
+    """Whether an expression calls anything but ``if_then_else`` (round, exp, ...)."""
+    return any(
+        isinstance(n, tvm.ir.Call) and getattr(n.op, "name", "") not in _CHEAP_CALLS for n in _walk(node)
+    )
+
+
+def _inline_grows_ok(sch: s_tir.Schedule, block: SBlockRV) -> bool:
+    """Whether inlining ``block`` keeps every consumer expression small.
+
+    A value read several times (integer requantization reads it in comparisons and selects)
+    would otherwise grow exponentially along a chain, and so would compile time.
+    """
+    stmt = sch.get(block)
+    if len(stmt.writes) != 1:
+        return False
+    buffer = stmt.writes[0].source
+    size = len(_walk(stmt.body))
+    for consumer in sch.get_consumers(block):
+        nodes = _walk(sch.get(consumer).body)
+        reads = sum(1 for n in nodes if isinstance(n, tvm.ir.expr.TensorLoad) and n.source.same_as(buffer))
+        if len(nodes) + reads * size > _MAX_INLINED_NODES or (reads > 1 and size > _MAX_DUPLICATED_NODES):
+            return False
+    return True
+
+
+def _max_elements(sch: s_tir.Schedule) -> int:
+    """Largest iteration count of any block's loop nest (0 if some extent is symbolic)."""
+    largest = 0
+    for block in sch.get_child_blocks(_root(sch)):
+        count = 1
+        for loop in sch.get_loops(block):
+            extent = _int_extent(sch, loop)
+            if extent is None:
+                return 0
+            count *= extent
+        largest = max(largest, count)
+    return largest
+
+
+def _int_extent(sch: s_tir.Schedule, loop: LoopRV) -> int | None:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _widest_dtype(sch: s_tir.Schedule, block: SBlockRV) -> str:
+    stmt = sch.get(block)
+    dtypes = [r.source.dtype for r in list(stmt.reads) + list(stmt.writes)]
+    return max(dtypes, key=lambda d: tvm.DataType(d).bits)
+
+
+def _vector_tile(extent: int, lanes: int) -> int:
+    """Largest ``lanes * k`` (k in 4, 2, 1) dividing ``extent``; 0 if none."""
+    for k in _VEC_CHOICES:
+        if extent % (lanes * k) == 0:
+            return lanes * k
+    return 0
+
+
+# ---------------------------------------------------------------- inlining
+
+
+def _inline_injective(sch: s_tir.Schedule) -> None:
+    """Inline spatial blocks into consumers; padding too (measured faster than a padded copy)."""
+    changed = True
+    while changed:
+        changed = False
+        for block in list(sch.get_child_blocks(_root(sch))):
+            if _is_reduction(sch, block) or is_output_block(sch, block):
+                continue
+            feeds_reduction = any(_is_reduction(sch, c) for c in sch.get_consumers(block))
+            if feeds_reduction and _has_costly_call(sch.get(block).body):
+                continue  # recomputed per multiply-add; padding (if_then_else) is cheaper inlined
+            if not _inline_grows_ok(sch, block):
+                continue
+            try:
+                sch.compute_inline(block)
+            except s_tir.ScheduleError:
+                continue
+            changed = True
+
+
+# ---------------------------------------------------------------- elementwise
+
+
+def _schedule_elementwise(sch: s_tir.Schedule, block: SBlockRV, info: CpuInfo) -> None:
+    """Vectorize the innermost loop in register-sized chunks, run the outer loops in parallel.
+
+    Only the innermost axis is vectorized: fusing it with outer axes would turn contiguous
+    accesses into div/mod index arithmetic that LLVM turns into gathers.
+    """
+    loops = sch.get_loops(block)
+    extents = [_int_extent(sch, loop) for loop in loops]
+    if not loops or any(e is None for e in extents):
+        return
+    lanes = info.lanes(_widest_dtype(sch, block))
+    inner = _vector_tile(extents[-1], lanes)
+    outer = list(loops)
+    if inner:
+        if extents[-1] > inner:
+            outer[-1], vec = sch.split(loops[-1], [None, inner])
+        else:
+            vec = outer.pop()
+        sch.vectorize(vec)
+    if not outer:
+        return
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    total = 1
+    for e in extents:
+        total *= e
+    if total >= _MIN_PARALLEL_ELEMS and info.num_cores > 1 and (_int_extent(sch, fused) or 0) > 1:
+        sch.parallel(fused)
+
+
+def _schedule_reduction_generic(sch: s_tir.Schedule, block: SBlockRV, info: CpuInfo) -> None:
+    """Parallelize the spatial loops that enclose a reduction (leading 'S' loops)."""
+    loops = sch.get_loops(block)
+    spatial = []
+    for loop, iv in zip(loops, sch.get(block).iter_vars):
+        if iv.iter_type != tirx.IterVar.DataPar:
+            break
+        spatial.append(loop)
+    if not spatial:
+        return
+    fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+    extent = _int_extent(sch, fused)
+    if extent is not None and extent >= 2 and info.num_cores > 1:
+        sch.parallel(fused)
+
+
+def _blockwise(sch: s_tir.Schedule, info: CpuInfo) -> bool:
+    _inline_injective(sch)
+    for block in sch.get_child_blocks(_root(sch)):
+        if _is_reduction(sch, block):
+            _schedule_reduction_generic(sch, block, info)
+        else:
+            _schedule_elementwise(sch, block, info)
+    return True
+
+
+# ---------------------------------------------------------------- anchored reduction
+
+
+def _register_tile(width: int, vec_extent: int, lanes: int, regs: int) -> tuple[int, int]:
+    """Pick (width tile, vector tile) maximizing accumulators within ``regs`` registers."""
+    best = (1, lanes, 1)  # (accumulator registers, vectors, width tile)
+    for vecs in _VEC_CHOICES:
+        if vec_extent % (lanes * vecs):
+            continue
+        for tile in range(min(width, _MAX_WIDTH_TILE), 0, -1):
+            if width % tile or tile * vecs > regs:
+                continue
+            if (tile * vecs, vecs) > best[:2]:
+                best = (tile * vecs, vecs, tile)
+    return best[2], best[1] * lanes
+
+
+class _FuseLimit(Exception):
+    """Raised by the anchored strategy: only the first ``limit`` consumers can join the tiles."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> bool:
+    _inline_injective(sch)
+    blocks = sch.get_child_blocks(_root(sch))
+    reductions = [b for b in blocks if _is_reduction(sch, b)]
+    if len(reductions) != 1:
+        return False
+    anchor = reductions[0]
+    position = [sch.get(b).name_hint for b in blocks].index(sch.get(anchor).name_hint)
+    before, after = blocks[:position], blocks[position + 1 :]
+
+    stmt = sch.get(anchor)
+    loops = sch.get_loops(anchor)
+    kinds = "".join("S" if iv.iter_type == tirx.IterVar.DataPar else "R" for iv in stmt.iter_vars)
+    n_spatial = kinds.count("S")
+    if len(loops) != len(kinds) or kinds != "S" * n_spatial + "R" * (len(kinds) - n_spatial):
+        return False
+    if n_spatial == 0 or len(stmt.writes) != 1:
+        return False
+    # The innermost spatial axis must be the contiguous (last) axis of the output.
+    last_index = stmt.writes[0].region[-1].min
+    if not last_index.same_as(stmt.iter_vars[n_spatial - 1].var):
+        return False
+    extents = [_int_extent(sch, loop) for loop in loops]
+    if any(e is None for e in extents):
+        return False
+    acc_dtype = stmt.writes[0].source.dtype
+    lanes = info.lanes(acc_dtype)
+    vec_extent = extents[n_spatial - 1]
+    if vec_extent % lanes:
+        return False
+
+    for block in before:
+        _schedule_elementwise(sch, block, info)
+
+    width = extents[n_spatial - 2] if n_spatial >= 2 else 1
+    regs = info.vector_regs - 4
+    width_tile, vec_tile = _register_tile(width, vec_extent, lanes, regs)
+
+    # "global", not "local": on CPU only small global-scope allocations become stack
+    # allocas (LowerTVMBuiltin); "local" ones become a workspace alloc per loop iteration.
+    cache = sch.cache_write(anchor, 0, "global")
+    spatial, reduce = loops[:n_spatial], loops[n_spatial:]
+    v_outer, v_inner = sch.split(spatial[-1], [None, vec_tile])
+    if n_spatial >= 2:
+        w_outer, w_inner = sch.split(spatial[-2], [None, width_tile])
+        outer = [*spatial[:-2], w_outer, v_outer]
+        sch.reorder(*outer, *reduce, w_inner, v_inner)
+        sch.unroll(w_inner)
+    else:
+        outer = [v_outer]
+        sch.reorder(v_outer, *reduce, v_inner)
+    sch.vectorize(v_inner)
+
+    sch.reverse_compute_at(cache, outer[-1], preserve_unit_loops=True)
+    _vectorize_innermost(sch, cache)
+    tile_size = width_tile * vec_tile if n_spatial >= 2 else vec_tile
+    for index, block in enumerate(after):
+        # Only consumers over exactly the anchor's output domain go into its tiles: one over a
+        # larger domain (the next layer's padding fused in) would lose the rest of its domain.
+        same_domain = [_int_extent(sch, loop) for loop in sch.get_loops(block)] == extents[:n_spatial]
+        if index >= fuse_limit or not same_domain:
+            _schedule_elementwise(sch, block, info)
+            continue
+        try:
+            sch.reverse_compute_at(block, outer[-1], preserve_unit_loops=True)
+        except s_tir.ScheduleError:
+            _schedule_elementwise(sch, block, info)
+            continue
+        inner = sch.get_loops(block)[len(outer):]
+        work = 1
+        for loop in inner:
+            work *= _int_extent(sch, loop) or 0
+        if work != tile_size:
+            # It needs more than the tile (a non-elementwise read): computing it per tile would
+            # recompute it and race between threads. Start over, fusing only the blocks before.
+            raise _FuseLimit(index)
+        _vectorize_innermost(sch, block)
+    if not is_output_block(sch, cache):
+        try:
+            sch.compute_inline(cache)
+        except s_tir.ScheduleError:
+            pass
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    if info.num_cores > 1 and (_int_extent(sch, fused) or 0) >= 2:
+        sch.parallel(fused)  # before decompose_reduction: parallel needs the init in the block
+    if reduce:
+        init = sch.decompose_reduction(anchor, reduce[0])
+        _vectorize_innermost(sch, init)
+    return True
+
+
+def _vectorize_innermost(sch: s_tir.Schedule, block: SBlockRV) -> None:
+    """Vectorize the innermost loop of ``block`` if its extent is a power of two (2..64)."""
+    loops = sch.get_loops(block)
+    extent = _int_extent(sch, loops[-1]) if loops else None
+    if extent is not None and 1 < extent <= 64 and extent & (extent - 1) == 0:
+        sch.vectorize(loops[-1])

@@ -1,0 +1,148 @@
+"""edgeq.schedules: default CPU schedules are applied and change no output."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from conftest import shared_path
+from edgeq.schedules import build_cpu, cpu_pipeline
+
+X86 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+AARCH64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]})
+RNG = np.random.default_rng(7)
+
+
+def _int8(*shape: int) -> np.ndarray:
+    return RNG.integers(-128, 128, size=shape).astype("int8")
+
+
+def _requant(bb: relax.BlockBuilder, acc: relax.Expr, multiplier: int, shift: int) -> relax.Expr:
+    """int32 accumulator -> int8: x * multiplier >> shift (rounding), clip, cast (TFLite-like)."""
+    wide = bb.emit(relax.op.multiply(relax.op.astype(acc, "int64"), relax.const(multiplier, "int64")))
+    rounded = bb.emit(relax.op.add(wide, relax.const(1 << (shift - 1), "int64")))
+    shifted = bb.emit(relax.op.right_shift(rounded, relax.const(shift, "int64")))
+    return bb.emit(relax.op.astype(relax.op.clip(shifted, -128, 127), "int8"))
+
+
+def _module(x_shape: tuple[int, ...], body: object) -> tvm.IRModule:
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(x_shape, "int8"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(body(bb, x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def conv_module(kernel_layout: str = "OHWI", stride: int = 1) -> tvm.IRModule:
+    """3x3 int8 conv2d NHWC, out_dtype int32, bias, integer requantization."""
+    weight = _int8(32, 3, 3, 16) if kernel_layout == "OHWI" else _int8(3, 3, 16, 32)
+    bias = RNG.integers(-2000, 2000, size=(32,)).astype("int32")
+
+    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        acc = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), strides=stride, padding=1, data_layout="NHWC",
+                                         kernel_layout=kernel_layout, out_dtype="int32"))
+        acc = bb.emit(relax.op.add(acc, relax.const(bias)))
+        return _requant(bb, acc, 1_518_500_250, 40)
+
+    return _module((1, 14, 14, 16), body)
+
+
+def conv_padded_output_module() -> tvm.IRModule:
+    """Conv + requant whose fused epilogue ends in the next layer's padding (a larger domain)."""
+    weight = _int8(32, 3, 3, 16)
+
+    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        acc = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), padding=1, data_layout="NHWC",
+                                         kernel_layout="OHWI", out_dtype="int32"))
+        out = _requant(bb, acc, 1_518_500_250, 40)
+        return bb.emit(relax.op.nn.pad(out, pad_width=[0, 0, 0, 1, 0, 1, 0, 0], pad_value=-128.0))
+
+    return _module((1, 14, 14, 16), body)
+
+
+def depthwise_module() -> tvm.IRModule:
+    """3x3 depthwise (groups = channels) int8 conv2d, stride 2, integer requantization."""
+    weight = _int8(3, 3, 24, 1)
+
+    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        acc = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), strides=2, padding=1, groups=24,
+                                         data_layout="NHWC", kernel_layout="HWOI", out_dtype="int32"))
+        return _requant(bb, acc, 1_200_000_000, 36)
+
+    return _module((1, 20, 20, 24), body)
+
+
+def dense_module() -> tvm.IRModule:
+    """int8 (1, 256) x (256, 40) matmul to int32, integer requantization."""
+    weight = _int8(256, 40)
+
+    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        acc = bb.emit(relax.op.matmul(x, relax.const(weight), out_dtype="int32"))
+        return _requant(bb, acc, 1_300_000_000, 42)
+
+    return _module((1, 256), body)
+
+
+def _run(executable: relax.Executable, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    dev = tvm.cpu()
+    out = relax.VirtualMachine(executable, dev)["main"](*[tvm.runtime.tensor(x, dev) for x in inputs])
+
+    def flat(o: object) -> list[np.ndarray]:
+        return [o.numpy()] if hasattr(o, "numpy") else [a for item in o for a in flat(item)]
+
+    return flat(out)
+
+
+def _random_inputs(mod: tvm.IRModule) -> list[np.ndarray]:
+    out = []
+    for param in mod["main"].params:
+        shape, dtype = [int(s) for s in param.ty.shape], str(param.ty.dtype)
+        out.append(_int8(*shape).astype(dtype) if "int" in dtype else RNG.standard_normal(shape).astype(dtype))
+    return out
+
+
+def _scheduled_prim_funcs(mod: tvm.IRModule, target: tvm.target.Target) -> dict[str, str]:
+    lowered = cpu_pipeline(target)(mod)
+    return {gv.name_hint: f.script() for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+@pytest.mark.parametrize("target", [X86, AARCH64], ids=["avx2", "neon"])
+def test_conv_is_parallel_and_vectorized(target: tvm.target.Target) -> None:
+    funcs = _scheduled_prim_funcs(conv_module(), target)
+    conv = [text for name, text in funcs.items() if "conv2d" in name]
+    assert conv, f"no conv2d PrimFunc in {sorted(funcs)}"
+    assert all("T.parallel(" in text and "T.vectorized(" in text for text in conv)
+    assert all('"tirx.is_scheduled": True' in text for text in conv)
+
+
+def test_builds_for_aarch64_neon() -> None:
+    assert build_cpu(depthwise_module(), AARCH64) is not None
+
+
+@pytest.mark.parametrize(
+    "make",
+    [conv_module, lambda: conv_module("HWIO", stride=2), conv_padded_output_module, depthwise_module, dense_module],
+    ids=["conv-ohwi", "conv-hwio-s2", "conv-padded-output", "depthwise", "dense"],
+)
+def test_int8_outputs_bit_identical(make: object) -> None:
+    mod = make()
+    inputs = _random_inputs(mod)
+    scheduled = _run(build_cpu(mod, X86), inputs)
+    reference = _run(tvm.compile(mod, target=X86), inputs)
+    assert scheduled[0].dtype == np.int8 and np.unique(reference[0]).size > 16  # requant not saturated
+    for got, want in zip(scheduled, reference):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_float_rps96_matches_unscheduled() -> None:
+    import tflite
+    import tvm.relax.frontend.tflite  # noqa: F401
+
+    path = shared_path("models", "tflite", "mltk_rps96_float32.tflite")
+    mod = tvm.relax.frontend.tflite.from_tflite(tflite.Model.GetRootAsModel(path.read_bytes(), 0))
+    inputs = _random_inputs(mod)
+    for got, want in zip(_run(build_cpu(mod, X86), inputs), _run(tvm.compile(mod, target=X86), inputs)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
