@@ -109,12 +109,9 @@ def build(mod: Any, device: Device, options: CompileOptions) -> Any:
     """Compile a Relax module into an executable for the device's CPU."""
     target = tvm_target(device)
     if options.default_schedules:
-        try:
-            from .schedules import build_cpu
-        except ImportError:
-            build_cpu = None
-        if build_cpu is not None:
-            return build_cpu(mod, target)
+        from .schedules import build_cpu
+
+        return build_cpu(mod, target)
     return _tvm().compile(mod, target=target)
 
 

@@ -34,6 +34,10 @@ class Predictor:
         self.path = bundle.path
         self._anchors: np.ndarray | None = None
         check_runs_here(self.manifest)
+        self.num_threads = _thread_count(num_threads, self.manifest.target.num_cores)
+        # TVM sizes its worker pool from TVM_NUM_THREADS when the pool first starts (by default
+        # it would use half the cores on x86); later loads can only lower the count.
+        os.environ["TVM_NUM_THREADS"] = str(self.num_threads)
         workdir = Path(tempfile.mkdtemp(prefix="edgeq-"))
         try:
             bundle.extract(workdir)
@@ -45,8 +49,6 @@ class Predictor:
         finally:
             # The libraries stay mapped after dlopen; the files are no longer needed.
             shutil.rmtree(workdir, ignore_errors=True)
-        threads = num_threads or self.manifest.target.num_cores or os.cpu_count() or 1
-        self.num_threads = int(threads)
         self._vm.set_num_threads(self.num_threads)
 
     # -- raw tensors -------------------------------------------------------------------------
@@ -122,6 +124,19 @@ class Predictor:
             self._vm.run(inputs)
             times.append(time.perf_counter() - start)
         return times
+
+
+def _thread_count(requested: int | None, device_cores: int | None) -> int:
+    """Threads to run with: the caller's choice, else TVM_NUM_THREADS, else the machine's cores."""
+    if requested is not None:
+        if requested < 1:
+            raise InputError(f"num_threads must be at least 1, got {requested}")
+        return int(requested)
+    from_env = os.environ.get("TVM_NUM_THREADS", "")
+    if from_env.isdigit() and int(from_env) > 0:
+        return int(from_env)
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(available or 1, device_cores or available or 1)
 
 
 def load(bundle: str | os.PathLike[str], num_threads: int | None = None) -> Predictor:

@@ -11,6 +11,8 @@ from .ffi import TENSOR_ALIGNMENT, Function, Object, RuntimeLibrary
 
 # Memory allocator the VM uses for intermediate tensors (2 = pooled).
 POOLED_ALLOCATOR = 2
+# runtime.config_threadpool affinity mode: threads float over all cores, no pinning.
+THREADS_SHARE_ALL_CORES = -3
 
 
 def aligned_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
@@ -52,8 +54,12 @@ class RelaxVM:
         self._array_item = runtime.get_global("ffi.ArrayGetItem")
 
     def set_num_threads(self, num_threads: int) -> None:
-        """Size the runtime's worker pool (process-wide)."""
-        self._runtime.get_global("runtime.config_threadpool")(0, int(num_threads))
+        """Size the runtime's worker pool (process-wide; it can only shrink once started)."""
+        self._runtime.get_global("runtime.config_threadpool")(THREADS_SHARE_ALL_CORES, int(num_threads))
+
+    def num_threads(self) -> int:
+        """Threads the runtime's worker pool runs now."""
+        return int(self._runtime.get_global("runtime.NumThreads")())
 
     def run(self, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Run the entry function on numpy inputs and return the outputs as numpy arrays."""

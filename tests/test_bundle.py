@@ -184,3 +184,14 @@ def test_unreadable_picture_is_refused(bundle, tmp_path):
         predictor.predict(tmp_path / "missing.png")
     with pytest.raises(edgeq.InputError, match=r"must be int8\[1, 32, 32, 3\]"):
         predictor.run(np.zeros((1, 32, 32, 3), np.float32))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_num_threads_sizes_the_runtime_pool(bundle, threads):
+    import subprocess
+    import sys
+
+    code = f"import edgeq; p = edgeq.load({str(bundle)!r}, num_threads={threads}); print(p._vm.num_threads())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(threads)

@@ -20,7 +20,7 @@ def packaged(request, tmp_path_factory):
     name = request.param
     model = shared_path("models", "tflite", name)
     out = tmp_path_factory.mktemp("bundles") / f"{model.stem}.edgeq"
-    options = edgeq.PackageOptions(device="x86_64", preprocess=PREPROCESS.get(name, {}), compile=edgeq.CompileOptions(default_schedules=False))
+    options = edgeq.PackageOptions(device="x86_64", preprocess=PREPROCESS.get(name, {}))
     result = edgeq.package(model, out, options)
     return name, model, edgeq.load(result.path)
 
