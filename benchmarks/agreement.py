@@ -3,8 +3,8 @@
 For each shared TFLite model: package it with edgeq's defaults, run every fitting picture through
 the bundle (thin runtime) and through TFLite's reference kernels and its default optimized
 kernels, and print the share of identical output elements, the largest difference (in
-quantization steps for integer outputs, 1/256 steps for dequantized softmax outputs, relative
-error for float models) and top-1 agreement.
+quantization steps ("st") for integer outputs, 1/256 steps for dequantized softmax outputs,
+relative error ("rel") for float models) and top-1 agreement.
 
     python benchmarks/agreement.py [--device x86_64] [--pictures N]
 """
@@ -60,10 +60,8 @@ def main() -> None:
                         stat[0].append(identical)
                         stat[1] = max(stat[1], worst)
                     stat[2] += int(np.argmax(ours[0]) == np.argmax(reference.run(inputs)[0]))
-            unit = "rel" if OUTPUT_KIND[name] == "float" else "steps"
-            cells = [
-                f"{np.mean(s[0]):10.3%} {s[1]:6.3g} {unit[:3]:<2} {s[2]:>3}/{len(pictures):<3}" for s in stats
-            ]
+            unit = "rel" if OUTPUT_KIND[name] == "float" else "st"
+            cells = [f"{np.mean(s[0]):10.3%} {s[1]:6.3g} {unit:<3} {s[2]:>3}/{len(pictures):<3}" for s in stats]
             print(f"{name:<52} {len(pictures):>4}  {cells[0]}  {cells[1]}", flush=True)
 
 

@@ -17,12 +17,14 @@ from .bundle import Bundle, read_bundle
 from .compat import check_runs_here
 from .detection import Detections, detect, generate_anchors
 from .errors import InputError, RuntimeFailure
-from .manifest import Manifest
+from .manifest import Manifest, TargetInfo
 from .postprocess import Classification, classify
 from .preprocess import ImageLike, InputMapping, picture_to_tensor_mapped
 from .runtime import RelaxVM, TVMError, load_runtime
 
 RUNTIME_DIR = "runtime"
+# The user's own TVM_NUM_THREADS (edgeq sets the variable itself when it loads a bundle).
+_USER_TVM_NUM_THREADS = os.environ.get("TVM_NUM_THREADS", "")
 DETECTION_KINDS = ("ssd_anchors", "detection_postprocess")
 
 
@@ -34,7 +36,7 @@ class Predictor:
         self.path = bundle.path
         self._anchors: np.ndarray | None = None
         check_runs_here(self.manifest)
-        self.num_threads = _thread_count(num_threads, self.manifest.target.num_cores)
+        self.num_threads = _thread_count(num_threads, self.manifest.target)
         # TVM sizes its worker pool from TVM_NUM_THREADS when the pool first starts (by default
         # it would use half the cores on x86); later loads can only lower the count.
         os.environ["TVM_NUM_THREADS"] = str(self.num_threads)
@@ -126,17 +128,20 @@ class Predictor:
         return times
 
 
-def _thread_count(requested: int | None, device_cores: int | None) -> int:
-    """Threads to run with: the caller's choice, else TVM_NUM_THREADS, else the machine's cores."""
+def _thread_count(requested: int | None, target: TargetInfo) -> int:
+    """Threads to run with: the caller's choice, else TVM_NUM_THREADS, else the device's default,
+    else the machine's cores (at most the device's)."""
     if requested is not None:
         if requested < 1:
             raise InputError(f"num_threads must be at least 1, got {requested}")
         return int(requested)
-    from_env = os.environ.get("TVM_NUM_THREADS", "")
+    from_env = _USER_TVM_NUM_THREADS
     if from_env.isdigit() and int(from_env) > 0:
         return int(from_env)
+    if target.default_threads:
+        return int(target.default_threads)
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(available or 1, device_cores or available or 1)
+    return min(available or 1, target.num_cores or available or 1)
 
 
 def load(bundle: str | os.PathLike[str], num_threads: int | None = None) -> Predictor:
