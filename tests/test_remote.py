@@ -334,5 +334,18 @@ def test_emulated_aarch64_device(bundle, env, tmp_path):
                 session.upload(bundle)
         proc = edgeq_cli("remote-test", str(bundle), "--remote", address, env=env, timeout=180)
         _assert_clean_failure(proc, "compiled for x86_64", "is aarch64")
+
+        # An rpi4 bundle of the same model runs there and agrees with the host reference.
+        arm_bundle = bundle.parent / "cifar-rpi4.edgeq"
+        edgeq.package(bundle.parent / MODEL, arm_bundle, edgeq.PackageOptions(device="rpi4"))
+        images = tmp_path / "images"
+        images.mkdir()
+        for picture in sorted(shared_path(*PICTURES).iterdir())[:4]:
+            shutil.copy(picture, images / picture.name)
+        proc = edgeq_cli("remote-test", str(arm_bundle), "--remote", address, "--images", str(images),
+                         "--repeat", "3", env=env, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        row = next(line for line in proc.stdout.splitlines() if line.startswith(address))
+        assert "aarch64" in row and row.rstrip().endswith("PASS"), row
     finally:
         device.stop()
