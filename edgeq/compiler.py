@@ -81,20 +81,25 @@ def import_stock(model: TFLiteModel) -> Any:
 
 
 def import_model(model: TFLiteModel, options: CompileOptions) -> tuple[Any, dict[str, Any]]:
-    """Relax module for ``model`` and a report of how it was imported."""
-    check_supported_ops(model)
+    """Relax module for ``model`` and a report of how it was imported.
+
+    Quantized models go through edgeq's integer importer; if it cannot lower the model, TVM's
+    stock importer (dequantize -> float -> quantize) takes over and the report says why.
+    """
     if model.is_quantized and options.integer_lowering:
         from .int8 import import_integer
 
         try:
             mod, report = import_integer(model.path)
         except UnsupportedModelError as error:
+            check_supported_ops(model)
             summary = (
                 f"integer lowering is not possible ({error}); the whole model runs in TVM's "
                 "dequantize -> float -> quantize lowering, not bit-exact with TFLite"
             )
             return import_stock(model), {"importer": "tvm-stock", "summary": summary}
         return mod, {"importer": "edgeq-integer", "integer": report.to_dict(), "summary": report.summary()}
+    check_supported_ops(model)
     return import_stock(model), {"importer": "tvm-stock"}
 
 
