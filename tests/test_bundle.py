@@ -195,3 +195,25 @@ def test_num_threads_sizes_the_runtime_pool(bundle, threads):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(threads)
+
+
+def test_quantized_pad_goes_through_the_integer_importer(tmp_path):
+    """TVM's stock importer refuses quantized PAD; edgeq's integer importer lowers it."""
+    from edgeq.reference import run_reference
+    from edgeq.tflite_builder import Q
+
+    builder = TFLiteBuilder()
+    x = builder.input((1, 6, 6, 4), "int8", Q(0.05, 3))
+    padded = builder.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]])
+    weights = builder.constant(np.random.default_rng(0).integers(-127, 128, (2, 3, 3, 4), dtype=np.int8), Q([0.01, 0.02], 0, axis=0))
+    bias = builder.constant(np.array([40, -40], np.int32), Q([0.05 * 0.01, 0.05 * 0.02], 0))
+    y = builder.conv2d(padded, weights, bias, Q(0.1, -2), padding="VALID")
+    builder.output(y)
+    model = tmp_path / "pad.tflite"
+    model.write_bytes(builder.build())
+    result = edgeq.package(model, tmp_path / "pad.edgeq")
+    assert result.manifest.compile_report["importer"] == "edgeq-integer"
+    tensor = np.random.default_rng(1).integers(-128, 128, (1, 6, 6, 4), dtype=np.int8)
+    (ours,) = edgeq.load(result.path).run(tensor)
+    (theirs,) = run_reference(model, tensor)
+    assert np.array_equal(ours, theirs)
