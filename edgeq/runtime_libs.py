@@ -9,7 +9,6 @@ RECORD.
 from __future__ import annotations
 
 import base64
-import hashlib
 import importlib.metadata as md
 import os
 import platform as _platform
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .bundle import sha256_file
 from .errors import EdgeqError, MissingDependencyError
 
 __all__ = [
@@ -129,14 +129,6 @@ def _record_hash(record_text: str, member: str) -> str:
             raw = parts[1][len("sha256="):]
             return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).hex()
     raise WheelIntegrityError(f"the wheel's RECORD has no sha256 for {member}")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _host_libraries() -> RuntimeLibraries:
@@ -247,7 +239,7 @@ def _extract(wheel: Path, member: str, expected: str, dest: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
             shutil.copyfileobj(src, out)
-        if _sha256(Path(tmp)) != expected:
+        if sha256_file(Path(tmp)) != expected:
             raise WheelIntegrityError(
                 f"{member} in {wheel} does not match the sha256 in the wheel's RECORD "
                 "(corrupt or tampered wheel): delete the wheel and fetch it again"
@@ -331,7 +323,7 @@ def runtime_libraries(
         wheel, dest = wheels[name], out_dir / name
         assert wheel is not None
         expected = _expected_sha256(wheel, member)
-        if not (dest.is_file() and _sha256(dest) == expected):
+        if not (dest.is_file() and sha256_file(dest) == expected):
             say(f"extracting {member} from {wheel.name} to {dest}")
             _extract(wheel, member, expected, dest)
         files[name] = dest

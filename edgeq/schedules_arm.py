@@ -213,23 +213,9 @@ class DotProdARM:
 
 def cpu_pipeline_dotprod(target: tvm.target.Target) -> tvm.transform.Pass:
     """edgeq's CPU pipeline (:func:`edgeq.schedules.cpu_pipeline`) with :class:`DotProdARM` after the schedules."""
-    from tvm.relax.backend.cpu_generic import pipeline as generic
+    from .schedules import cpu_pipeline
 
-    from .schedules import ScheduleCPU
-
-    @tvm.transform.module_pass(opt_level=0, name="edgeq.CPUPipelineDotProd")
-    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        with target:
-            seq = tvm.transform.Sequential(
-                generic.library_dispatch_passes(target)
-                + generic.legalize_passes(target)
-                + [ScheduleCPU(target), DotProdARM(target)]
-                + generic.dataflow_lower_passes(target)
-                + generic.finalize_passes(target)
-            )
-            return seq(mod)
-
-    return _pipeline
+    return cpu_pipeline(target, extra_passes=[DotProdARM(target)])
 
 
 def build_cpu_dotprod(mod: tvm.IRModule, target: tvm.target.Target) -> Any:

@@ -1,6 +1,8 @@
 """edgeq's Relax CPU pipeline: the stock cpu_generic passes plus default schedules."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import tvm
 from tvm import relax, tirx
 from tvm.relax.backend.cpu_generic import pipeline as generic
@@ -32,8 +34,11 @@ class ScheduleCPU:
         return mod
 
 
-def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """The Relax pipeline of :func:`build_cpu`: legalize, fuse, schedule, lower to the VM."""
+def cpu_pipeline(target: tvm.target.Target, extra_passes: Sequence[tvm.transform.Pass] = ()) -> tvm.transform.Pass:
+    """The Relax pipeline of :func:`build_cpu`: legalize, fuse, schedule, lower to the VM.
+
+    ``extra_passes`` run right after the schedules (e.g. a tensorization pass for one ISA).
+    """
 
     @tvm.transform.module_pass(opt_level=0, name="edgeq.CPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
@@ -41,7 +46,7 @@ def cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
             seq = tvm.transform.Sequential(
                 generic.library_dispatch_passes(target)
                 + generic.legalize_passes(target)
-                + [ScheduleCPU(target)]
+                + [ScheduleCPU(target), *extra_passes]
                 + generic.dataflow_lower_passes(target)
                 + generic.finalize_passes(target)
             )
