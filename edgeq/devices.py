@@ -25,8 +25,6 @@ class Device:
     tvm_target: dict[str, Any] | None
     num_cores: int | None
     cpu_features: tuple[str, ...] = ()
-    default_threads: int | None = None  # threads edgeq.load uses unless told (None: the cores)
-    default_threads_reason: str | None = None
     runtime_platform: str | None = None
     cross_compiler: str | None = None
     cross_compiler_package: str | None = None

@@ -171,7 +171,6 @@ class TargetInfo:
     tvm_target: dict[str, Any]
     num_cores: int | None
     cpu_features: tuple[str, ...] = ()
-    default_threads: int | None = None  # threads edgeq.load uses unless told (None: the cores)
 
 
 @dataclass(frozen=True)

@@ -232,7 +232,6 @@ def package(
             tvm_target=dict(device.tvm_target or {}),
             num_cores=device.num_cores,
             cpu_features=device.cpu_features,
-            default_threads=device.default_threads,
         ),
         runtime=runtime,
         library=LIBRARY_NAME,

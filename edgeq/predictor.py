@@ -129,8 +129,8 @@ class Predictor:
 
 
 def _thread_count(requested: int | None, target: TargetInfo) -> int:
-    """Threads to run with: the caller's choice, else TVM_NUM_THREADS, else the device's default,
-    else the machine's cores (at most the device's)."""
+    """Threads to run with: the caller's choice, else TVM_NUM_THREADS, else the machine's cores
+    (at most the device's)."""
     if requested is not None:
         if requested < 1:
             raise InputError(f"num_threads must be at least 1, got {requested}")
@@ -138,8 +138,6 @@ def _thread_count(requested: int | None, target: TargetInfo) -> int:
     from_env = _USER_TVM_NUM_THREADS
     if from_env.isdigit() and int(from_env) > 0:
         return int(from_env)
-    if target.default_threads:
-        return int(target.default_threads)
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return min(available or 1, target.num_cores or available or 1)
 

@@ -38,7 +38,7 @@ FLOAT_RELATIVE_TOLERANCE = 1e-4
 
 # Runs inside the emulated python. Usage: driver.py BUNDLE WORKDIR COUNT
 # reads WORKDIR/in{i}_{k}.npy, writes WORKDIR/{cores,single}{i}_{k}.npy: the outputs with one
-# thread per board core and with one thread (the aarch64 devices' default).
+# thread per board core (4, what a Pi runs by default) and with one thread.
 DRIVER = textwrap.dedent(
     '''
     import sys
@@ -46,11 +46,8 @@ DRIVER = textwrap.dedent(
     import edgeq
 
     bundle, work, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    predictor_cores = 4
-    from edgeq.predictor import _thread_count
-
-    predictor = edgeq.load(bundle, num_threads=predictor_cores)
-    assert _thread_count(None, predictor.manifest.target) == 1, "aarch64 bundles default to one thread"
+    predictor_cores = 4  # rpi4 and rpi5
+    predictor = edgeq.load(bundle, num_threads=predictor_cores)  # as on the board: one per core
     threads = predictor.num_threads
     n_inputs = len(predictor.manifest.inputs)
     for i in range(count):
@@ -164,12 +161,6 @@ def test_arm_bundle_matches_x86_single_thread(emulated, device):
         _assert_same(name, picture, device, outs, want)
 
 
-@pytest.mark.xfail(
-    reason="known issue: multi-threaded int8 runs of aarch64 bundles differ under qemu-user (up to "
-    "252 steps on ResNet-8; x86_64 never does); not yet known whether qemu's emulation or the "
-    "kernels are at fault, so aarch64 devices default to one thread",
-    strict=False,
-)
 @pytest.mark.parametrize("device", ARM_DEVICES)
 def test_arm_bundle_matches_x86_one_thread_per_core(emulated, device):
     """With one thread per board core (4): the x86_64 bundle's outputs, run after run."""
