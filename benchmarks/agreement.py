@@ -21,18 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 import edgeq  # noqa: E402
-from bundles import OUTPUT_KIND, PICTURES, PREPROCESS, SOFTMAX_STEP, pictures_for  # noqa: E402
+from bundles import OUTPUT_KIND, PICTURES, PREPROCESS, output_difference, pictures_for  # noqa: E402
 from conftest import SHARED  # noqa: E402
 from edgeq.reference import ReferenceInterpreter  # noqa: E402
 
 
 def compare(kind: str, got: np.ndarray, want: np.ndarray) -> tuple[float, float]:
     """(share identical, largest difference in the unit of ``kind``)."""
-    if kind == "float":
-        return float(np.mean(got == want)), float(np.abs(got - want).max() / (np.abs(want).max() + 1e-12))
-    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
-    if kind == "dequantized":
-        diff = diff / SOFTMAX_STEP
+    diff = output_difference(kind, got, want)
     return float(np.mean(diff == 0)), float(diff.max())
 
 

@@ -34,8 +34,13 @@ def pictures_for(model_name: str) -> list[Path]:
     return paths
 
 
-def steps_apart(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.abs(a.astype(np.int64) - b.astype(np.int64))
+def output_difference(kind: str, got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """Element-wise difference in the unit of the model's OUTPUT_KIND: quantization steps for
+    "integer" and "dequantized" outputs, error relative to the largest magnitude for "float"."""
+    diff = np.abs(got.astype(np.float64) - want.astype(np.float64))
+    if kind == "float":
+        return diff / (np.abs(want).max() + 1e-12)
+    return diff / SOFTMAX_STEP if kind == "dequantized" else diff
 
 # How outputs are compared: "integer" outputs in quantization steps; "dequantized" float outputs
 # of int8 models (softmax, step 1/256); "float" models by relative error.
