@@ -184,8 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime-wheels", type=Path, help="folder of apache-tvm/apache-tvm-ffi wheels (offline)")
     p.add_argument("--quantize", choices=["int8"], help="calibrate a float model and package its int8 twin")
     p.add_argument("--calibration", type=Path, metavar="DIR", help="folder of calibration pictures (--quantize)")
-    p.add_argument("--calibration-method", choices=["minmax", "percentile"], default="minmax",
-                   help="activation ranges: observed min/max, or the central 99.999%% of values")
+    p.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy"], default="minmax",
+                   help="activation ranges: observed min/max, the central 99.999%% of values, or the "
+                        "KL-divergence (entropy) clipping threshold")
     p.add_argument("--samples", type=int, default=100, help="calibration pictures used at most (default 100)")
     p.add_argument("--symmetric", action="store_true", help="symmetric int8 activations (zero point 0)")
     p.add_argument("--report", choices=["text", "json"], default="text", help="print the compile report as JSON")

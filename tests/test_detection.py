@@ -269,6 +269,79 @@ def test_two_pasted_faces_are_found_where_placed(predictor, reference, margin, s
         assert max(errors) <= 0.10, (match.box, box)
 
 
+# -- the int8 BlazeFace made by edgeq's own quantization ----------------------------------------------
+def _calibration_pictures(folder: Path) -> Path:
+    """160 calibration pictures without the test's face: the 20 ImageNet samples, mirrored and
+    cropped, and each with two LFW faces (25x25, upscaled) pasted at random places, two draws."""
+    from PIL import ImageOps
+
+    faces = np.load(shared_path("data", "faces", "lfw_subset_25x25.npy"))[:100]
+    backgrounds = sorted(shared_path("data", "imagenet-samples").iterdir())
+    for draw, seed in enumerate((0, 5)):
+        rng = np.random.default_rng(seed)
+        for k, path in enumerate(backgrounds):
+            picture = Image.open(path).convert("RGB")
+            w, h = picture.size
+            variants = [picture, ImageOps.mirror(picture), picture.crop((w // 8, h // 8, w - w // 8, h - h // 8))]
+            canvas = picture.copy()
+            for f in range(2):
+                face = Image.fromarray((faces[(2 * k + f) % 100] * 255).astype(np.uint8)).convert("RGB")
+                size = int(rng.integers(w // 8, w // 3))
+                face = face.resize((size, size), Image.BICUBIC)
+                canvas.paste(face, (int(rng.integers(0, w - size)), int(rng.integers(0, h - size))))
+            for j, variant in enumerate(variants + [canvas]):
+                variant.save(folder / f"{draw}_{path.stem}_{j}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def int8_predictor(tmp_path_factory):
+    """The face detector quantized by ``edgeq package --quantize int8 --calibration-method percentile``."""
+    from edgeq.quantization import QuantConfig
+
+    folder = _calibration_pictures(tmp_path_factory.mktemp("face_calibration"))
+    out = tmp_path_factory.mktemp("faces_int8") / "faces_int8.edgeq"
+    options = edgeq.PackageOptions(
+        device="x86_64", preprocess={"letterbox": True}, quantize=QuantConfig(method="percentile", samples=160),
+        calibration=folder, compile=edgeq.CompileOptions(default_schedules=False),
+    )
+    result = edgeq.package(shared_path(*MODEL), out, options)
+    assert result.manifest.compile_report["importer"] == "edgeq-integer"
+    assert result.manifest.compile_report["quantization"]["samples"] == 160
+    return edgeq.load(out)
+
+
+def test_int8_outputs_keep_one_scale_per_head(int8_predictor):
+    """The score heads (16x16 and 8x8 anchors) are dequantized separately before the float
+    RESHAPE/CONCATENATION tail: one shared scale would be ~1.07 (the 8x8 head reaches -270),
+    putting every logit in (-0.53, 0.53) on 0, i.e. score 0.5, and so a false face."""
+    layers = {layer["tensor"]: layer for layer in int8_predictor.manifest.compile_report["quantization"]["layers"]}
+    assert layers["classificators"]["scale"] is None and layers["regressors"]["scale"] is None  # float tail
+    assert layers["classificator_8"]["scale"] < 0.05 < layers["classificator_16"]["scale"]
+
+
+def test_int8_cameraman_face_agrees_with_float_reference(int8_predictor, predictor, reference):
+    picture = shared_path(*CAMERAMAN)
+    found = int8_predictor.predict(picture)
+    expected = reference_detections(predictor, reference, picture)  # the float model, TFLite reference
+    assert_same_detections(found, expected)
+    assert len(found) == 1 and box_iou(found[0].box, CAMERAMAN_FACE) >= 0.9
+    assert abs(found[0].score - expected[0].score) < 0.05
+
+
+@pytest.mark.parametrize("margin, scale, canvas", [(0.4, 1.0, (512, 256)), (0.4, 1.5, (768, 384))])
+def test_int8_two_pasted_faces_are_found_where_placed(int8_predictor, predictor, reference, margin, scale, canvas):
+    picture, known = two_faces(margin, scale, canvas)
+    found = int8_predictor.predict(picture)
+    assert_same_detections(found, reference_detections(predictor, reference, picture))
+    assert len(found) == 2
+    for box in known:
+        match = max(found, key=lambda d: box_iou(d.box, box))
+        width, height = box[2] - box[0], box[3] - box[1]
+        errors = [abs(match.box[i] - box[i]) / (width if i % 2 == 0 else height) for i in range(4)]
+        assert max(errors) <= 0.10, (match.box, box)
+
+
 def test_cli_draws_boxes_on_the_original(face_bundle, tmp_path):
     out = tmp_path / "drawn.png"
     picture = shared_path(*CAMERAMAN)

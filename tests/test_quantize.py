@@ -23,6 +23,7 @@ from edgeq.int8.graph import read_graph  # noqa: E402
 from edgeq.manifest import Preprocess  # noqa: E402
 from edgeq.preprocess import picture_to_tensor  # noqa: E402
 from edgeq.quantization import QuantConfig, picture_calibration, quantize  # noqa: E402
+from edgeq.quantization.calibrate import entropy_threshold, kl_divergence_curve  # noqa: E402
 from edgeq.quantization.config import as_feeds  # noqa: E402
 from edgeq.reference import ReferenceInterpreter  # noqa: E402
 from edgeq.tflite_builder import TFLiteBuilder  # noqa: E402
@@ -34,8 +35,9 @@ FOLDERS = ("mnist-samples", "cifar10-samples", "imagenet-samples")
 
 # --- configuration and the calibration protocol ----------------------------------------------------
 def test_config_is_validated():
-    with pytest.raises(EdgeqError, match="entropy"):
-        QuantConfig(method="entropy")
+    assert QuantConfig(method="entropy").method == "entropy"
+    with pytest.raises(EdgeqError, match="minmax, percentile, entropy"):
+        QuantConfig(method="kl")
     with pytest.raises(EdgeqError, match="samples"):
         QuantConfig(samples=0)
     with pytest.raises(EdgeqError, match="dtype"):
@@ -51,6 +53,22 @@ def test_samples_may_be_dicts_arrays_or_lists_with_or_without_batch():
     assert len(list(as_feeds(np.zeros((3, 4, 4, 1)), [spec]))) == 3
     with pytest.raises(InputError, match="shape"):
         list(as_feeds(np.zeros((5, 5)), [spec]))
+
+
+def test_entropy_threshold_clips_heavy_outliers():
+    """TensorRT's KL search on |x|: a normal bulk plus a few huge outliers is clipped between the two."""
+    rng = np.random.default_rng(3)
+    values = np.abs(np.concatenate([rng.normal(0, 1, 200_000), rng.uniform(-100, 100, 40), [100.0]]))
+    histogram, _ = np.histogram(values, 2048, (0, values.max()))
+    threshold = entropy_threshold(histogram, float(values.max()))
+    bulk = float(np.percentile(values, 99.9))  # 3.3
+    print(f"\nentropy threshold {threshold:.2f}; bulk (99.9%) {bulk:.2f}, max {values.max():.1f}")
+    assert 1.5 * bulk < threshold < values.max() / 5
+    candidates, divergences = kl_divergence_curve(histogram, 128, step=16)
+    assert candidates[0] == 128 and candidates[-1] == 2048 and np.isfinite(divergences).all()
+    # without outliers nothing is worth clipping much: the threshold stays near the top of the bulk
+    clean, _ = np.histogram(values[:200_000], 2048, (0, values[:200_000].max()))
+    assert entropy_threshold(clean, float(values[:200_000].max())) > 0.6 * values[:200_000].max()
 
 
 # --- a generated float model with the MobileNet op set ----------------------------------------------
@@ -185,7 +203,7 @@ def _agreement(model: Path, reference: np.ndarray, inputs) -> tuple[float, float
     return float((outputs.argmax(1) == reference.argmax(1)).mean()), float(np.abs(outputs - reference).mean())
 
 
-@pytest.mark.parametrize("method", ["minmax", "percentile"])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
 def test_rps96_agrees_with_float_at_least_as_well_as_vendor_int8(rps, method, tmp_path):
     model, folder, held_out = rps
     calibration = picture_calibration(folder, model, RPS_PREPROCESS)

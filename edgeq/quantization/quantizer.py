@@ -85,7 +85,7 @@ def _measure(float_path: Path, int8_path: Path, graph, plan: Plan, feeds) -> tup
         invoke(reference, feed)
         invoke(quantized, feed)
         for index, meter in meters.items():
-            scale, zero_point = plan.quant[index]
+            scale, zero_point = plan.quant.get(index, (1.0, 0))  # the float tail is read as it is
             q = quantized.get_tensor(plan.tensor[index]).astype(np.float64)
             meter.add(reference.get_tensor(index), (q - zero_point) * scale)
         for index, detail in zip(graph.outputs, out_details):
@@ -94,7 +94,7 @@ def _measure(float_path: Path, int8_path: Path, graph, plan: Plan, feeds) -> tup
     for op in ops:
         index = op.outputs[0]
         low, high = plan.ranges.get(index, (float("nan"), float("nan")))
-        scale, zero_point = plan.quant[index]
+        scale, zero_point = plan.quant.get(index, (float("nan"), 0))  # nan: float (the tail)
         meter = meters[index]
         layers.append(
             LayerReport(

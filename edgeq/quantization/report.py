@@ -17,16 +17,22 @@ class LayerReport:
     index: int  # op index in the float model
     op: str
     tensor: str
-    low: float  # the range the scale covers
+    low: float  # the range the scale covers (nan for the float tail: see ``float``)
     high: float
     scale: float
     zero_point: int
     snr_db: float  # 10 log10(sum f^2 / sum (f - dequantized int8)^2); inf when identical
     relative_error: float  # ||f - dequantized|| / ||f||
 
+    @property
+    def float(self) -> bool:
+        """Kept in float after the model outputs' DEQUANTIZE (data movement only)."""
+        return math.isnan(self.scale)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["snr_db"] = _finite(self.snr_db)
+        for key in ("snr_db", "low", "high", "scale"):
+            data[key] = _finite(data[key])
         return data
 
 
@@ -53,6 +59,10 @@ class QuantizationReport:
         rows = [f"{'#':>3} {'op':<18} {'range':>23} {'scale':>10} {'zp':>4} {'SNR dB':>7} {'rel.err':>8}  tensor"]
         for layer in self.layers:
             snr = f"{layer.snr_db:7.1f}" if math.isfinite(layer.snr_db) else f"{'exact':>7}"
+            if layer.float:
+                rows.append(f"{layer.index:>3} {layer.op:<18} {'float':>23} {'':>10} {'':>4} {snr} "
+                            f"{layer.relative_error:8.4f}  {layer.tensor[:48]}")
+                continue
             rows.append(
                 f"{layer.index:>3} {layer.op:<18} [{layer.low:10.4g},{layer.high:10.4g}] {layer.scale:10.4g} "
                 f"{layer.zero_point:>4} {snr} {layer.relative_error:8.4f}  {layer.tensor[:48]}"
