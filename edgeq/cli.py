@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -52,12 +52,15 @@ def cmd_package(args: argparse.Namespace) -> int:
         from .packager import read_postprocess
 
         postprocess = read_postprocess(args.postprocess)
+    compile_options = CompileOptions(integer_lowering=not args.no_integer, default_schedules=not args.no_schedules)
+    if args.quantize == "fp16":
+        compile_options = replace(compile_options, precision="fp16")
     options = PackageOptions(
         device=args.device,
         labels=args.labels,
         preprocess=overrides,
         postprocess=postprocess,
-        compile=CompileOptions(integer_lowering=not args.no_integer, default_schedules=not args.no_schedules),
+        compile=compile_options,
         runtime_wheels=args.runtime_wheels,
         quantize=_quant_config(args),
         calibration=args.calibration,
@@ -75,9 +78,10 @@ def cmd_package(args: argparse.Namespace) -> int:
 
 def _quant_config(args: argparse.Namespace):
     """QuantConfig for --quantize int8, or None (errors when calibration flags come without it)."""
-    if args.quantize is None:
+    if args.quantize != "int8":
         if args.calibration is not None:
-            raise EdgeqError("--calibration is only used with --quantize int8")
+            used_with = "; fp16 needs no calibration" if args.quantize == "fp16" else ""
+            raise EdgeqError(f"--calibration is only used with --quantize int8{used_with}")
         return None
     from .quantization import QuantConfig
 
@@ -182,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-integer", action="store_true", help="keep TVM's stock dequantize/float/quantize lowering")
     p.add_argument("--no-schedules", action="store_true", help="skip edgeq's CPU schedules (stock TVM loops)")
     p.add_argument("--runtime-wheels", type=Path, help="folder of apache-tvm/apache-tvm-ffi wheels (offline)")
-    p.add_argument("--quantize", choices=["int8"], help="calibrate a float model and package its int8 twin")
+    p.add_argument("--quantize", choices=["int8", "fp16"],
+                   help="int8: calibrate a float model and package its int8 twin; fp16: run float ops in "
+                        "float16 (TVM ToMixedPrecision; for ARMv8.2+ and CUDA, no calibration)")
     p.add_argument("--calibration", type=Path, metavar="DIR", help="folder of calibration pictures (--quantize)")
     p.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy"], default="minmax",
                    help="activation ranges: observed min/max, the central 99.999%% of values, or the "

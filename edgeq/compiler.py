@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +15,7 @@ from .errors import EdgeqError, MissingDependencyError, UnsupportedModelError
 from .tflite_model import TFLiteModel
 
 Progress = Callable[[str], None]
+PRECISIONS = ("native", "fp16")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,11 @@ class CompileOptions:
 
     integer_lowering: bool = True  # run quantized graphs on edgeq's integer kernels
     default_schedules: bool = True  # apply edgeq's CPU schedules (threads, vectors, tiling)
+    precision: str = "native"  # "native" (the model's own dtypes) or "fp16" (float ops downcast)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise EdgeqError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
 
 
 @dataclass(frozen=True)
@@ -148,7 +154,19 @@ def compile_model(
 ) -> CompiledLibrary:
     """Import, compile and export ``model`` for ``device``."""
     progress("importing the model into Relax")
+    if options.precision == "fp16":  # fp16 downcasts float ops: quantized models take the stock float import
+        options = replace(options, integer_lowering=False)
     mod, report = import_model(model, options)
+    if options.precision == "fp16":
+        from .fp16 import downcast_fp16
+
+        progress("downcasting float ops to fp16 (TVM ToMixedPrecision)")
+        if device.kind == "cpu" and device.arch == "x86_64":
+            progress("note: x86_64 has no fp16 arithmetic; LLVM converts each fp16 op, so this bundle "
+                     "is slower than fp32 there (fp16 pays off on ARMv8.2+ and CUDA)")
+        mod = downcast_fp16(mod)
+        summary = "float ops run in fp16 (TVM ToMixedPrecision); inputs and outputs keep their dtypes"
+        report = {**report, "precision": "fp16", "summary": report.get("summary") or summary}
     progress(f"compiling for {device.name} ({_describe_target(device)})")
     try:
         executable = build(mod, device, options)

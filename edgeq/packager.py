@@ -261,6 +261,8 @@ def _quantize(
     """Calibrate ``model`` on the pictures in ``options.calibration`` and return its int8 twin."""
     from .quantization import picture_calibration, quantize
 
+    if options.compile.precision != "native":
+        raise EdgeqError(f"int8 quantization and {options.compile.precision} precision exclude each other; pick one")
     if options.calibration is None:
         raise EdgeqError("quantizing needs calibration pictures: give --calibration DIR (a folder of pictures)")
     if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
