@@ -106,6 +106,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"runtime      TVM {manifest.runtime.tvm_version}, tvm-ffi {manifest.runtime.tvm_ffi_version}, "
         f"{manifest.runtime.platform}, glibc >= {manifest.runtime.glibc_floor}"
     )
+    if manifest.gpu is not None:
+        gpu = manifest.gpu
+        print(
+            f"gpu          {gpu.arch} kernels ({len(gpu.kernels)} fatbin, {gpu.compiler}), CUDA {gpu.cuda_runtime} "
+            f"runtime (NVIDIA driver >= {gpu.min_driver}), {gpu.precision} precision"
+            + (", CUDA graph" if gpu.cuda_graph else "")
+        )
     for kind, specs in (("input", manifest.inputs), ("output", manifest.outputs)):
         for spec in specs:
             quant = ""

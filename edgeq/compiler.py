@@ -8,11 +8,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .devices import Device
 from .errors import EdgeqError, MissingDependencyError, UnsupportedModelError
 from .tflite_model import TFLiteModel
+
+if TYPE_CHECKING:
+    from .cuda_build import CudaKernels
 
 Progress = Callable[[str], None]
 PRECISIONS = ("native", "fp16")
@@ -25,6 +28,7 @@ class CompileOptions:
     integer_lowering: bool = True  # run quantized graphs on edgeq's integer kernels
     default_schedules: bool = True  # apply edgeq's CPU schedules (threads, vectors, tiling)
     precision: str = "native"  # "native" (the model's own dtypes) or "fp16" (float ops downcast)
+    cuda_graph: bool = True  # GPU bundles: replay the model's kernel launches as one CUDA graph
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -37,6 +41,7 @@ class CompiledLibrary:
 
     data: bytes
     report: dict[str, Any] = field(default_factory=dict)
+    kernels: CudaKernels | None = None  # GPU bundles: the kernels compiled for the device's chip
 
 
 def _tvm():
@@ -117,8 +122,12 @@ def tvm_target(device: Device) -> Any:
 
 
 def build(mod: Any, device: Device, options: CompileOptions) -> Any:
-    """Compile a Relax module into an executable for the device's CPU."""
+    """Compile a Relax module into an executable for the device's CPU or GPU."""
     target = tvm_target(device)
+    if device.kind == "cuda":
+        from .cuda_build import build_cuda
+
+        return build_cuda(mod, target, cuda_graph=options.cuda_graph)
     if options.default_schedules:
         from .schedules import build_cpu
 
@@ -174,8 +183,15 @@ def compile_model(
         raise
     except Exception as error:
         raise EdgeqError(f"TVM failed to compile {model.path.name} for {device.name}: {_first_line(error)}") from None
+    kernels = None
+    if device.kind == "cuda":
+        from .cuda_build import compile_kernels
+
+        kernels = compile_kernels(executable, device.tvm_target["arch"], progress)
+        report = {**report, "cuda": {"arch": kernels.arch, "kernels": kernels.kernel_count,
+                                     "compiler": kernels.compiler, "cuda_graph": options.cuda_graph}}
     progress("linking the library" + (f" with {device.cross_compiler}" if device.needs_cross_compiler else ""))
-    return CompiledLibrary(export(executable, device), report)
+    return CompiledLibrary(export(executable, device), report, kernels)
 
 
 def _describe_target(device: Device) -> str:

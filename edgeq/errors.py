@@ -34,5 +34,10 @@ class RuntimeFailure(EdgeqError):
     """The TVM runtime reported an error while loading or running a library."""
 
 
+class GpuUnavailableError(EdgeqError):
+    """A GPU bundle cannot run here: no NVIDIA driver or GPU, a driver too old, or an older GPU
+    than the bundle's kernels were compiled for. edgeq never falls back to the CPU silently."""
+
+
 class RemoteError(EdgeqError):
     """Remote testing failed: no server, refused token, lost connection, timeout, wrong device."""

@@ -1,4 +1,8 @@
-"""The bundle manifest: typed dataclasses and their JSON form (format version 1)."""
+"""The bundle manifest: typed dataclasses and their JSON form.
+
+Format 1: CPU bundles. Format 2 adds ``gpu`` (NVIDIA GPU bundles); CPU bundles are still
+written as format 1, so older edgeq versions keep reading them.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
@@ -6,7 +10,13 @@ from typing import Any
 
 from .errors import BundleFormatError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest format this edgeq reads and writes
+CPU_FORMAT_VERSION = 1  # what CPU bundles are written as
+
+
+def format_version_for(gpu: "GpuInfo | None") -> int:
+    """The lowest format that can hold a manifest with (or without) GPU information."""
+    return CPU_FORMAT_VERSION if gpu is None else FORMAT_VERSION
 
 
 @dataclass(frozen=True)
@@ -185,6 +195,19 @@ class RuntimeInfo:
 
 
 @dataclass(frozen=True)
+class GpuInfo:
+    """What a GPU bundle needs on the device and where its precompiled kernels are."""
+
+    arch: str  # the chip generation the kernels are compiled for, e.g. "sm_90"
+    cuda_runtime: str  # major version of the bundled CUDA runtime library, e.g. "13"
+    min_driver: str  # NVIDIA driver branch that supports that runtime, e.g. "580"
+    kernels: dict[str, str]  # sha256 of each CUDA source -> its fatbin in the bundle
+    compiler: str  # what compiled the kernels, e.g. "nvcc 13.0.88"
+    cuda_graph: bool = True  # the VM replays the model's launches as one CUDA graph
+    precision: str = "native"  # "native" or "fp16"
+
+
+@dataclass(frozen=True)
 class Manifest:
     format_version: int
     edgeq_version: str
@@ -199,6 +222,7 @@ class Manifest:
     labels: tuple[str, ...] = ()
     files: tuple[FileEntry, ...] = ()
     compile_report: dict[str, Any] = field(default_factory=dict)
+    gpu: GpuInfo | None = None  # set for NVIDIA GPU bundles (format 2)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -218,6 +242,8 @@ class Manifest:
             )
         if version < 1:
             raise BundleFormatError(f"bundle format {version} is not a valid edgeq format")
+        if data.get("gpu") is not None and version < FORMAT_VERSION:
+            raise BundleFormatError(f"bundle format {version} cannot hold GPU information: rewritten?")
         try:
             return cls(
                 format_version=version,
@@ -233,6 +259,7 @@ class Manifest:
                 labels=tuple(str(label) for label in data.get("labels", ())),
                 files=tuple(FileEntry(**f) for f in data["files"]),
                 compile_report=dict(data.get("compile_report") or {}),
+                gpu=None if data.get("gpu") is None else _gpu(data["gpu"]),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise BundleFormatError(f"manifest.json is malformed: {error!r}") from None
@@ -260,6 +287,12 @@ def _preprocess(data: dict[str, Any]) -> Preprocess:
     values["mean"] = tuple(float(m) for m in values.get("mean", (127.5,)))
     values["std"] = tuple(float(s) for s in values.get("std", (127.5,)))
     return Preprocess(**values)
+
+
+def _gpu(data: dict[str, Any]) -> GpuInfo:
+    values = dict(data)
+    values["kernels"] = {str(k): str(v) for k, v in dict(values["kernels"]).items()}
+    return GpuInfo(**values)
 
 
 def _target(data: dict[str, Any]) -> TargetInfo:

@@ -14,8 +14,8 @@ from .compiler import CompileOptions, compile_model
 from .devices import Device, get_device
 from .errors import EdgeqError, UnsupportedModelError
 from .manifest import (
-    FORMAT_VERSION,
     BoxDecodeOptions,
+    GpuInfo,
     DetectionOutputs,
     NmsOptions,
     SsdAnchorOptions,
@@ -26,6 +26,7 @@ from .manifest import (
     SourceModel,
     TargetInfo,
     TensorSpec,
+    format_version_for,
 )
 from .predictor import RUNTIME_DIR
 from .tflite_model import TFLiteModel, read_tflite
@@ -165,10 +166,13 @@ def _read_labels(path: Path, expected: int | None) -> tuple[str, ...]:
 
 
 def _runtime_files(device: Device, options: PackageOptions, progress: Progress) -> tuple[dict[str, bytes], RuntimeInfo]:
-    from .runtime_libs import runtime_libraries
+    from .runtime_libs import cuda_runtime_libraries, runtime_libraries
 
     libraries = runtime_libraries(device.arch, wheels_dir=options.runtime_wheels, progress=progress)
-    files = {f"{RUNTIME_DIR}/{name}": Path(path).read_bytes() for name, path in sorted(libraries.files.items())}
+    paths = dict(libraries.files)
+    if device.kind == "cuda":
+        paths.update(cuda_runtime_libraries(device.arch, wheels_dir=options.runtime_wheels, progress=progress))
+    files = {f"{RUNTIME_DIR}/{name}": Path(path).read_bytes() for name, path in sorted(paths.items())}
     identity = sha256_bytes("".join(sha256_bytes(data) for data in files.values()).encode())
     info = RuntimeInfo(
         platform=libraries.platform,
@@ -217,12 +221,28 @@ def package(
         library = compile_model(model, device, options.compile, say)
     if quantization is not None:
         library = replace(library, report={**library.report, "quantization": quantization.to_dict()})
-    say(f"collecting the TVM runtime for {device.arch}")
+    say(f"collecting the TVM runtime for {device.arch}" + (" and CUDA" if device.kind == "cuda" else ""))
     files, runtime = _runtime_files(device, options, say)
     files[LIBRARY_NAME] = library.data
+    gpu = None
+    if library.kernels is not None:
+        from .cuda_build import CUDA_RUNTIME_MAJOR, KERNEL_DIR, MIN_DRIVER
+
+        kernel_files = {key: f"{KERNEL_DIR}/{key[:16]}.fatbin" for key in library.kernels.fatbins}
+        for key, member in kernel_files.items():
+            files[member] = library.kernels.fatbins[key]
+        gpu = GpuInfo(
+            arch=library.kernels.arch,
+            cuda_runtime=str(CUDA_RUNTIME_MAJOR),
+            min_driver=MIN_DRIVER,
+            kernels=kernel_files,
+            compiler=library.kernels.compiler,
+            cuda_graph=options.compile.cuda_graph,
+            precision=options.compile.precision,
+        )
 
     manifest = Manifest(
-        format_version=FORMAT_VERSION,
+        format_version=format_version_for(gpu),
         edgeq_version=__version__,
         source=SourceModel(name=model_path.name, format="tflite", sha256=source_sha256),
         target=TargetInfo(
@@ -241,6 +261,7 @@ def package(
         postprocess=postprocess,
         labels=labels,
         compile_report=library.report,
+        gpu=gpu,
     )
     output_path = Path(output) if output else Path(model_path.stem + BUNDLE_SUFFIX)
     say(f"writing {output_path}")

@@ -16,7 +16,7 @@ import numpy as np
 from .bundle import Bundle, read_bundle
 from .compat import check_runs_here
 from .detection import Detections, detect, generate_anchors
-from .errors import InputError, RuntimeFailure
+from .errors import GpuUnavailableError, InputError, RuntimeFailure
 from .manifest import Manifest, TargetInfo
 from .postprocess import Classification, classify
 from .preprocess import ImageLike, InputMapping, picture_to_tensor_mapped
@@ -31,11 +31,13 @@ DETECTION_KINDS = ("ssd_anchors", "detection_postprocess")
 class Predictor:
     """A loaded bundle: raw tensor runs, picture predictions and timing."""
 
-    def __init__(self, bundle: Bundle, num_threads: int | None = None) -> None:
+    def __init__(self, bundle: Bundle, num_threads: int | None = None, gpu: int | None = None) -> None:
         self.manifest: Manifest = bundle.manifest
         self.path = bundle.path
         self._anchors: np.ndarray | None = None
         check_runs_here(self.manifest)
+        self.gpu_name: str | None = None  # the GPU a GPU bundle runs on
+        gpu_index = self._pick_gpu(gpu) if self.manifest.gpu is not None else None
         self.num_threads = _thread_count(num_threads, self.manifest.target)
         # TVM sizes its worker pool from TVM_NUM_THREADS when the pool first starts (by default
         # it would use half the cores on x86); later loads can only lower the count.
@@ -45,13 +47,44 @@ class Predictor:
             bundle.extract(workdir)
             try:
                 runtime = load_runtime(workdir / RUNTIME_DIR, self.manifest.runtime.sha256)
-                self._vm = RelaxVM(runtime, workdir / self.manifest.library)
+                if gpu_index is None:
+                    self._vm = RelaxVM(runtime, workdir / self.manifest.library)
+                else:
+                    self._vm = self._load_on_gpu(runtime, workdir, gpu_index)
+            except GpuUnavailableError:
+                raise
             except (TVMError, OSError, RuntimeError) as error:
                 raise RuntimeFailure(f"cannot load {self.path}: {error}") from None
         finally:
             # The libraries stay mapped after dlopen; the files are no longer needed.
             shutil.rmtree(workdir, ignore_errors=True)
         self._vm.set_num_threads(self.num_threads)
+
+    # -- GPU bundles -------------------------------------------------------------------------
+    def _pick_gpu(self, requested: int | None) -> int:
+        """The index of the GPU to run on, after checking driver and chip; never the CPU."""
+        from .runtime.cuda import CudaUnavailable, pick_device, probe_driver
+
+        info = self.manifest.gpu
+        try:
+            device = pick_device(probe_driver(), info.arch, requested)
+        except CudaUnavailable as error:
+            raise GpuUnavailableError(
+                f"cannot run {self.path} (compiled for an NVIDIA GPU, {info.arch}): {error}"
+            ) from None
+        self.gpu_name = f"{device.name} ({device.arch})"
+        return device.index
+
+    def _load_on_gpu(self, runtime, workdir: Path, index: int) -> RelaxVM:
+        from .runtime import abi
+        from .runtime.cuda import CudaUnavailable, enable_cuda
+
+        kernels = {key: (workdir / member).read_bytes() for key, member in self.manifest.gpu.kernels.items()}
+        try:
+            enable_cuda(runtime, workdir / RUNTIME_DIR, kernels)
+        except CudaUnavailable as error:
+            raise GpuUnavailableError(f"cannot run {self.path} on the GPU: {error}") from None
+        return RelaxVM(runtime, workdir / self.manifest.library, device_type=abi.DEVICE_CUDA, device_id=index)
 
     # -- raw tensors -------------------------------------------------------------------------
     def run(self, tensors: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -142,6 +175,10 @@ def _thread_count(requested: int | None, target: TargetInfo) -> int:
     return min(available or 1, target.num_cores or available or 1)
 
 
-def load(bundle: str | os.PathLike[str], num_threads: int | None = None) -> Predictor:
-    """Verify ``bundle`` (checksums, format, architecture) and load it for this machine."""
-    return Predictor(read_bundle(bundle), num_threads=num_threads)
+def load(bundle: str | os.PathLike[str], num_threads: int | None = None, gpu: int | None = None) -> Predictor:
+    """Verify ``bundle`` (checksums, format, architecture) and load it for this machine.
+
+    GPU bundles run on the first NVIDIA GPU that can run their kernels, or on GPU ``gpu``;
+    without one they raise GpuUnavailableError (they never fall back to the CPU).
+    """
+    return Predictor(read_bundle(bundle), num_threads=num_threads, gpu=gpu)

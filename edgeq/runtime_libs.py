@@ -329,3 +329,106 @@ def runtime_libraries(
         files[name] = dest
     return RuntimeLibraries(plat, files, floor, versions["apache-tvm"], versions["apache-tvm-ffi"],
                             tuple(w for w in wheels.values() if w))
+
+
+# -- NVIDIA GPU bundles ----------------------------------------------------------------------
+# libtvm_runtime_cuda.so (TVM's CUDA device API, kernels and CUDA graphs) links libcudart.so.13,
+# which NVIDIA ships in the nvidia-cuda-runtime wheel (redistributable). edgeq pins that wheel.
+CUDART_DIST = "nvidia-cuda-runtime"
+CUDART_VERSION = "13.0.96"
+CUDART_MEMBER = "nvidia/cu13/lib/libcudart.so.13"
+TVM_CUDA_MEMBER = "tvm/lib/libtvm_runtime_cuda.so"
+
+
+def _fetch_wheel(requirement: str, prefix: str, version: str, arch: str, source: Path,
+                 wheels_dir: Path | None, say: Callable[[str], None]) -> Path:
+    """The wheel ``prefix-version`` for ``arch`` from ``source``, downloaded there once if missing."""
+    wheel = _find_wheel(source, prefix, version, arch)
+    if wheel is not None:
+        return wheel
+    command = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-input",
+               "--retries", "2", "--timeout", "30", "--no-deps", "--only-binary=:all:"]
+    for tag in _pip_platforms(arch):
+        command += ["--platform", tag]
+    command += ["--python-version", f"{sys.version_info.major}.{sys.version_info.minor}",
+                "--implementation", "cp", "-d", "DIR", requirement]
+    manual = " ".join(["python3", *command[3:]]).replace(" DIR ", " WHEELS ")
+    if wheels_dir is not None:
+        raise RuntimeLibrariesError(
+            f"no manylinux {arch} wheel of {requirement} in {source}: on a connected machine run "
+            f"`{manual}` and pass that folder as --runtime-wheels"
+        )
+    try:
+        source.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RuntimeLibrariesError(f"cannot create the cache {source} ({exc}): set EDGEQ_CACHE_DIR") from exc
+    with tempfile.TemporaryDirectory(dir=source, prefix=".download-") as tmp:
+        command[command.index("DIR")] = tmp
+        say(f"downloading the {requirement} manylinux {arch} wheel")
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True)
+        except OSError as exc:
+            raise MissingDependencyError(f"cannot run pip ({exc}); or run `{manual}` elsewhere") from exc
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+            raise RuntimeLibrariesError(
+                f"could not download {requirement} for {arch} (no network?):\n{tail}\nFix: on a "
+                f"connected machine run `{manual}` and pass that folder as --runtime-wheels"
+            )
+        for whl in Path(tmp).glob("*.whl"):
+            os.replace(whl, source / whl.name)
+    wheel = _find_wheel(source, prefix, version, arch)
+    if wheel is None:
+        raise RuntimeLibrariesError(f"pip downloaded no manylinux {arch} wheel of {requirement}")
+    return wheel
+
+
+def _verified_member(wheel: Path, member: str, dest: Path, say: Callable[[str], None]) -> Path:
+    expected = _expected_sha256(wheel, member)
+    if not (dest.is_file() and sha256_file(dest) == expected):
+        say(f"extracting {member} from {wheel.name}")
+        _extract(wheel, member, expected, dest)
+    return dest
+
+
+def cuda_runtime_libraries(
+    arch: str,
+    *,
+    wheels_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Path]:
+    """``libtvm_runtime_cuda.so`` and ``libcudart.so.13`` for a GPU device whose CPU is ``arch``.
+
+    Both come from wheels verified against their RECORD: apache-tvm (the installed package on
+    the host's architecture, else the same wheel :func:`runtime_libraries` fetched) and
+    nvidia-cuda-runtime (pinned, fetched once into the cache, or taken from ``wheels_dir``).
+    """
+    say = progress or (lambda _msg: None)
+    if arch not in ARCHES:
+        raise RuntimeLibrariesError(f"unsupported architecture {arch!r}: use one of {', '.join(ARCHES)}")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    source = Path(wheels_dir) if wheels_dir is not None else cache / "wheels"
+    tvm_version = _installed_version("apache-tvm")
+    out_dir = cache / f"{arch}-cuda-tvm{tvm_version}-cudart{CUDART_VERSION}"
+    files: dict[str, Path] = {}
+    if arch == host_arch():
+        dist = md.distribution("apache-tvm")
+        path = Path(str(dist.locate_file(TVM_CUDA_MEMBER))).resolve()
+        if not path.is_file():
+            raise MissingDependencyError(
+                f"apache-tvm {tvm_version} here has no {TVM_CUDA_MEMBER}; GPU bundles need the "
+                "PyPI apache-tvm wheel, which ships TVM's CUDA runtime"
+            )
+        files["libtvm_runtime_cuda.so"] = path
+    else:
+        runtime_libraries(arch, wheels_dir=wheels_dir, cache_dir=cache_dir, progress=progress)
+        wheel = _find_wheel(source, "apache_tvm", tvm_version, arch)
+        if wheel is None:
+            raise RuntimeLibrariesError(f"no manylinux {arch} apache-tvm {tvm_version} wheel in {source}")
+        files["libtvm_runtime_cuda.so"] = _verified_member(
+            wheel, TVM_CUDA_MEMBER, out_dir / "libtvm_runtime_cuda.so", say)
+    cudart = _fetch_wheel(f"{CUDART_DIST}=={CUDART_VERSION}", "nvidia_cuda_runtime", CUDART_VERSION,
+                          arch, source, wheels_dir, say)
+    files["libcudart.so.13"] = _verified_member(cudart, CUDART_MEMBER, out_dir / "libcudart.so.13", say)
+    return files

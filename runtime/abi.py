@@ -54,6 +54,13 @@ int TVMFFIFunctionCall(TVMFFIObjectHandle func, TVMFFIAny* args, int32_t num_arg
 void TVMFFIErrorMoveFromRaised(TVMFFIObjectHandle* result);
 int TVMFFITensorFromDLPack(DLManagedTensor* from, int32_t require_alignment,
                            int32_t require_contiguous, TVMFFIObjectHandle* out);
+typedef int (*TVMFFISafeCallType)(void* handle, const TVMFFIAny* args, int32_t num_args,
+                                  TVMFFIAny* result);
+int TVMFFIFunctionCreate(void* self, TVMFFISafeCallType safe_call, void (*deleter)(void* self),
+                         TVMFFIObjectHandle* out);
+int TVMFFIFunctionSetGlobal(const TVMFFIByteArray* name, TVMFFIObjectHandle f, int allow_override);
+int TVMFFIBytesFromByteArray(const TVMFFIByteArray* input, TVMFFIAny* out);
+void TVMFFIErrorSetRaisedFromCStr(const char* kind, const char* message);
 """
 
 # Type indices from tvm/ffi/c_api.h (TVMFFITypeIndex).
@@ -62,6 +69,7 @@ INT = 1
 BOOL = 2
 FLOAT = 3
 OPAQUE_PTR = 4
+DATA_TYPE = 5
 DEVICE = 6
 DLTENSOR_PTR = 7
 RAW_STR = 8

@@ -77,6 +77,38 @@ class Function(Object):
         return self._lib.call(self, args)
 
 
+class DataTypeArg:
+    """A DLDataType argument (e.g. for tensor allocation)."""
+
+    __slots__ = ("code", "bits", "lanes")
+
+    def __init__(self, dtype: np.dtype) -> None:
+        try:
+            self.code, self.bits = _NUMPY_TO_DL[np.dtype(dtype)]
+        except KeyError:
+            raise TypeError(f"unsupported tensor dtype {dtype}") from None
+        self.lanes = 1
+
+
+class DeviceArg:
+    """A DLDevice argument: (device type, device id)."""
+
+    __slots__ = ("device_type", "device_id")
+
+    def __init__(self, device_type: int, device_id: int) -> None:
+        self.device_type = device_type
+        self.device_id = device_id
+
+
+class PointerArg:
+    """An opaque pointer argument (an address)."""
+
+    __slots__ = ("address",)
+
+    def __init__(self, address: int) -> None:
+        self.address = address
+
+
 class RuntimeLibrary:
     """The TVM runtime: libtvm_ffi.so and libtvm_runtime.so, opened with dlopen."""
 
@@ -159,6 +191,27 @@ class RuntimeLibrary:
         buffer = _ffi.buffer(data, count * dtype.itemsize)
         return np.frombuffer(buffer, dtype=dtype, count=count).reshape(shape).copy()
 
+    def tensor_info(self, tensor: Object) -> tuple[int, int, tuple[int, ...], np.dtype]:
+        """(device type, device id, shape, dtype) of a tensor object."""
+        dl = _ffi.cast("DLTensor*", _ffi.cast("char*", tensor.handle) + abi.OBJECT_HEADER_BYTES)
+        key = (dl.dtype.code, dl.dtype.bits)
+        if key not in _DL_TO_NUMPY or dl.dtype.lanes != 1:
+            raise TVMError("TypeError", f"unsupported output dtype code={key[0]} bits={key[1]}")
+        shape = tuple(dl.shape[i] for i in range(dl.ndim))
+        return dl.device.device_type, dl.device.device_id, shape, _DL_TO_NUMPY[key]
+
+    def read_bytes(self, value: Any) -> bytes:
+        """The bytes of a string or bytes argument (a TVMFFIAny) passed to a callback."""
+        index = value.type_index
+        if index in (abi.SMALL_STR, abi.SMALL_BYTES):
+            return bytes(_ffi.buffer(value.v_bytes, value.zero_padding))
+        if index in (abi.STR, abi.BYTES):
+            cell = _ffi.cast("TVMFFIByteArray*", _ffi.cast("char*", value.v_obj) + abi.OBJECT_HEADER_BYTES)
+            return bytes(_ffi.buffer(cell.data, cell.size))
+        if index == abi.RAW_STR:
+            return _ffi.string(value.v_c_str)
+        raise TVMError("TypeError", f"expected a string argument, got type index {index}")
+
     # -- internals -------------------------------------------------------------------------
     def _set_arg(self, slot: Any, value: Any, keep: list[Any]) -> None:
         slot.zero_padding = 0
@@ -177,6 +230,17 @@ class RuntimeLibrary:
         elif isinstance(value, (float, np.floating)):
             slot.type_index = abi.FLOAT
             slot.v_float64 = float(value)
+        elif isinstance(value, DataTypeArg):
+            slot.type_index = abi.DATA_TYPE
+            slot.v_uint64 = 0
+            slot.v_dtype.code, slot.v_dtype.bits, slot.v_dtype.lanes = value.code, value.bits, value.lanes
+        elif isinstance(value, DeviceArg):
+            slot.type_index = abi.DEVICE
+            slot.v_uint64 = 0
+            slot.v_device.device_type, slot.v_device.device_id = value.device_type, value.device_id
+        elif isinstance(value, PointerArg):
+            slot.type_index = abi.OPAQUE_PTR
+            slot.v_ptr = _ffi.cast("void*", value.address)
         elif isinstance(value, str):
             c_str = _ffi.new("char[]", value.encode())
             keep.append(c_str)
@@ -203,6 +267,14 @@ class RuntimeLibrary:
                 "TVMFFIByteArray*", _ffi.cast("char*", obj.handle) + abi.OBJECT_HEADER_BYTES
             )
             return bytes(_ffi.buffer(cell.data, cell.size)).decode()
+        if index == abi.SMALL_BYTES:
+            return bytes(_ffi.buffer(result.v_bytes, result.zero_padding))
+        if index == abi.BYTES:
+            obj = Object(self, result.v_obj, index)
+            cell = _ffi.cast(
+                "TVMFFIByteArray*", _ffi.cast("char*", obj.handle) + abi.OBJECT_HEADER_BYTES
+            )
+            return bytes(_ffi.buffer(cell.data, cell.size))
         if index >= abi.STATIC_OBJECT_BEGIN:
             cls = Function if index == abi.FUNCTION else Object
             return cls(self, result.v_obj, index)

@@ -158,7 +158,7 @@ def _vector_tile(extent: int, lanes: int) -> int:
 # ---------------------------------------------------------------- inlining
 
 
-def _inline_injective(sch: s_tir.Schedule) -> None:
+def inline_injective(sch: s_tir.Schedule) -> None:
     """Inline spatial blocks into consumers; padding too (measured faster than a padded copy)."""
     changed = True
     while changed:
@@ -227,7 +227,7 @@ def _schedule_reduction_generic(sch: s_tir.Schedule, block: SBlockRV, info: CpuI
 
 
 def _blockwise(sch: s_tir.Schedule, info: CpuInfo) -> bool:
-    _inline_injective(sch)
+    inline_injective(sch)
     for block in sch.get_child_blocks(_root(sch)):
         if _is_reduction(sch, block):
             _schedule_reduction_generic(sch, block, info)
@@ -262,7 +262,7 @@ class _FuseLimit(Exception):
 
 
 def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> bool:
-    _inline_injective(sch)
+    inline_injective(sch)
     blocks = sch.get_child_blocks(_root(sch))
     reductions = [b for b in blocks if _is_reduction(sch, b)]
     if len(reductions) != 1:
