@@ -21,6 +21,8 @@ from .errors import EdgeqError, MissingDependencyError
 
 Progress = Callable[[str], None]
 _DEBUG = bool(os.environ.get("EDGEQ_DEBUG_SCHEDULE"))
+# EDGEQ_GPU_WARP_REDUCTION=0 keeps every reduction serial in one thread (for comparisons).
+_WARP_REDUCTIONS = os.environ.get("EDGEQ_GPU_WARP_REDUCTION", "1") != "0"
 
 # Where the CUDA toolkit installs nvcc by default.
 DEFAULT_NVCC = "/usr/local/cuda/bin/nvcc"
@@ -138,6 +140,16 @@ def _reduction_size(sch: Any) -> int:
     return largest
 
 
+def _spatial_size(sch: Any, block: Any) -> int:
+    """Number of points of a block's spatial iteration domain."""
+    size = 1
+    for var in sch.get(block).iter_vars:
+        if var.iter_type == 0:  # DataPar
+            extent = var.dom.extent
+            size *= int(extent) if hasattr(extent, "value") else 1 << 30
+    return size
+
+
 def _bind_blockwise(sch: Any, threads: int = 256, warps_per_block: int = 8) -> None:
     """One kernel per block. Spatial loops are fused and spread over the grid; a small reduction
     runs serially in its thread (which then also computes the output's elementwise epilogue), a
@@ -164,7 +176,7 @@ def _bind_blockwise(sch: Any, threads: int = 256, warps_per_block: int = 8) -> N
         for loop in groups["R"]:
             size *= _extent(sch, loop) or 1 << 20
         spatial = sch.fuse(*groups["S"])
-        if groups["R"] and not groups["O"] and size > SMALL_REDUCTION:
+        if _WARP_REDUCTIONS and groups["R"] and not groups["O"] and size > SMALL_REDUCTION:
             reduction = sch.fuse(*groups["R"])
             outer, inner = sch.split(spatial, factors=[None, warps_per_block])
             sch.bind(outer, "blockIdx.x")
@@ -177,17 +189,31 @@ def _bind_blockwise(sch: Any, threads: int = 256, warps_per_block: int = 8) -> N
         sch.bind(inner, "threadIdx.x")
         if groups["R"]:
             serial_reductions.append((block, groups["R"][0]))
-            # the thread that reduced an output also runs its epilogue: one kernel, no round trip
-            consumers = sch.get_consumers(block)
-            moved = 0
-            for consumer in consumers:
-                try:
-                    sch.reverse_compute_at(consumer, inner, preserve_unit_loops=True)
-                    moved += 1
-                except Exception:  # the consumer needs more than this thread's output
+            # the thread that reduced an output also runs its elementwise epilogue chain:
+            # one kernel, intermediates in registers, no expression duplication
+            chain = [block]
+            names = {sch.get(block).name_hint}
+            outputs = _spatial_size(sch, block)
+            for later in infos[infos.index(info) + 1:]:
+                rv = later.block_rv
+                if any(sch.get(loop).thread_binding is not None for loop in sch.get_loops(rv)):
                     continue
-            if consumers and moved == len(consumers):
-                sch.set_scope(block, 0, "local")  # the output stays in the thread's registers
+                # only elementwise followers of this output, all of whose inputs come from the chain
+                producers = {sch.get(p).name_hint for p in sch.get_producers(rv)}
+                if "R" in later.dom_kind() or not producers or not producers <= names:
+                    continue
+                if _spatial_size(sch, rv) != outputs:
+                    continue
+                try:
+                    sch.reverse_compute_at(rv, inner, preserve_unit_loops=True)
+                except Exception:  # it needs more than this thread's outputs
+                    continue
+                chain.append(rv)
+                names.add(sch.get(rv).name_hint)
+            for member in chain:
+                consumers = sch.get_consumers(member)
+                if consumers and all(sch.get(c).name_hint in names for c in consumers):
+                    sch.set_scope(member, 0, "local")
     for block, loop in serial_reductions:
         sch.decompose_reduction(block, loop)
 
