@@ -60,6 +60,7 @@ int TVMFFIFunctionCreate(void* self, TVMFFISafeCallType safe_call, void (*delete
                          TVMFFIObjectHandle* out);
 int TVMFFIFunctionSetGlobal(const TVMFFIByteArray* name, TVMFFIObjectHandle f, int allow_override);
 int TVMFFIBytesFromByteArray(const TVMFFIByteArray* input, TVMFFIAny* out);
+int TVMFFIStringFromByteArray(const TVMFFIByteArray* input, TVMFFIAny* out);
 void TVMFFIErrorSetRaisedFromCStr(const char* kind, const char* message);
 """
 

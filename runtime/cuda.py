@@ -14,7 +14,9 @@ from typing import Any
 
 import cffi
 
-from .ffi import RuntimeLibrary, TVMError, _ffi as _tvm_ffi
+from .ffi import RuntimeLibrary, TVMError
+from .ffi import _ffi as _tvm_ffi
+from .globals import GlobalRegistry
 
 DRIVER_LIBRARY = "libcuda.so.1"
 CUDART_LIBRARY = "libcudart.so.13"
@@ -135,46 +137,29 @@ class KernelStore:
 
     def __init__(self) -> None:
         self._fatbins: dict[str, bytes] = {}
-        self._callback: Any = None
-        self._function: Any = None
+        self._registry: GlobalRegistry | None = None
 
     def add(self, key: str, fatbin: bytes) -> None:
         self._fatbins[key] = fatbin
 
+    def fatbin_for(self, source: str | bytes) -> bytes:
+        """The compiled kernels for a CUDA source (what TVM asks ``tvm_callback_cuda_compile`` for)."""
+        data = source.encode() if isinstance(source, str) else bytes(source)
+        key = hashlib.sha256(data).hexdigest()
+        fatbin = self._fatbins.get(key)
+        if fatbin is None:
+            raise LookupError(
+                f"the bundle carries no compiled kernels for CUDA source {key[:12]}; "
+                "package the model again with this edgeq version"
+            )
+        return fatbin
+
     def install(self, runtime: RuntimeLibrary) -> None:
         """Register ``tvm_callback_cuda_compile`` in the runtime (once per process)."""
-        if self._function is not None:
-            return
-        c = runtime.c
-
-        @_tvm_ffi.callback("int(void*, const TVMFFIAny*, int32_t, TVMFFIAny*)")
-        def compile_callback(_self: Any, args: Any, num_args: int, result: Any) -> int:
-            try:
-                if num_args < 1:
-                    raise ValueError("expected the CUDA source")
-                source = runtime.read_bytes(args[0])
-                key = hashlib.sha256(source).hexdigest()
-                fatbin = self._fatbins.get(key)
-                if fatbin is None:
-                    raise LookupError(
-                        f"the bundle carries no compiled kernels for CUDA source {key[:12]}; "
-                        "package the model again with this edgeq version"
-                    )
-                keep = _tvm_ffi.from_buffer(fatbin)
-                array = _tvm_ffi.new("TVMFFIByteArray*", {"data": keep, "size": len(fatbin)})
-                return c.TVMFFIBytesFromByteArray(array, result)
-            except Exception as error:  # reported to TVM, which raises it in the loading call
-                c.TVMFFIErrorSetRaisedFromCStr(b"RuntimeError", str(error).encode())
-                return -1
-
-        handle = _tvm_ffi.new("TVMFFIObjectHandle*")
-        runtime._check(c.TVMFFIFunctionCreate(_tvm_ffi.NULL, compile_callback, _tvm_ffi.NULL, handle))
-        name = COMPILE_CALLBACK.encode()
-        keep_name = _tvm_ffi.new("char[]", name)
-        array = _tvm_ffi.new("TVMFFIByteArray*", {"data": keep_name, "size": len(name)})
-        runtime._check(c.TVMFFIFunctionSetGlobal(array, handle[0], 1))
-        self._callback = compile_callback  # the C function pointer must stay alive
-        self._function = handle[0]
+        if self._registry is None:
+            registry = GlobalRegistry(runtime)
+            registry.register(COMPILE_CALLBACK, self.fatbin_for)
+            self._registry = registry
 
 
 KERNELS = KernelStore()

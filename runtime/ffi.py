@@ -200,18 +200,6 @@ class RuntimeLibrary:
         shape = tuple(dl.shape[i] for i in range(dl.ndim))
         return dl.device.device_type, dl.device.device_id, shape, _DL_TO_NUMPY[key]
 
-    def read_bytes(self, value: Any) -> bytes:
-        """The bytes of a string or bytes argument (a TVMFFIAny) passed to a callback."""
-        index = value.type_index
-        if index in (abi.SMALL_STR, abi.SMALL_BYTES):
-            return bytes(_ffi.buffer(value.v_bytes, value.zero_padding))
-        if index in (abi.STR, abi.BYTES):
-            cell = _ffi.cast("TVMFFIByteArray*", _ffi.cast("char*", value.v_obj) + abi.OBJECT_HEADER_BYTES)
-            return bytes(_ffi.buffer(cell.data, cell.size))
-        if index == abi.RAW_STR:
-            return _ffi.string(value.v_c_str)
-        raise TVMError("TypeError", f"expected a string argument, got type index {index}")
-
     # -- internals -------------------------------------------------------------------------
     def _set_arg(self, slot: Any, value: Any, keep: list[Any]) -> None:
         slot.zero_padding = 0
