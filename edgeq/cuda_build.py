@@ -80,7 +80,10 @@ def schedule_gpu(rules: Sequence[Any] | None = None) -> Any:
             # reductions (depthwise windows) are faster one output per thread than with
             # dlight's one-block-per-output reduction rules.
             fits_dlight = len(blocks) == 1 or (len(blocks) == 2 and _is_reduction(sch, blocks[0]))
-            if fits_dlight and not 0 < _reduction_size(sch) <= SMALL_REDUCTION:
+            # dlight's Matmul rule takes 8-bit matmuls to a tensor-core path that TVM 0.27 fails
+            # to lower (software pipelining of wmma fragments), and its reduction rules give
+            # each output a whole thread block: 8-bit reductions take the warp-per-output path.
+            if fits_dlight and not 0 < _reduction_size(sch) <= SMALL_REDUCTION and not _reads_8bit(sch):
                 scheduled = _first_rule(sch.mod["main"], target, rules, gvar.name_hint)
             if scheduled is None:
                 if _DEBUG:
@@ -93,6 +96,15 @@ def schedule_gpu(rules: Sequence[Any] | None = None) -> Any:
         return mod
 
     return _schedule
+
+
+def _reads_8bit(sch: Any) -> bool:
+    """Whether a reduction block of the function reads int8/uint8 data."""
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if _is_reduction(sch, block):
+            if any(str(region.source.dtype) in ("int8", "uint8") for region in sch.get(block).reads):
+                return True
+    return False
 
 
 def _is_reduction(sch: Any, block: Any) -> bool:

@@ -7,7 +7,7 @@ keep their channels.
 from __future__ import annotations
 
 import numpy as np
-from tvm import relax
+from tvm import relax, te, tirx
 
 from .fixedpoint import DTYPE_RANGE
 
@@ -52,26 +52,53 @@ def multiply_by_quantized_multiplier(
 ) -> relax.Expr:
     """TFLite MultiplyByQuantizedMultiplier on an int32 tensor (double rounding); returns int64.
 
-    ``multiplier``/``shift`` are scalars or per-channel vectors (last axis), as QuantizeMultiplier gives them.
+    ``multiplier``/``shift`` are scalars or per-channel vectors (last axis), as QuantizeMultiplier
+    gives them. Emitted as ONE elementwise TIR block that reads its input twice: written as a
+    chain of separate ops (comparisons, selects), each value was read several times, and
+    inlining the chain - which schedulers do to fuse a conv's epilogue - grew the expression
+    exponentially with its length.
     """
     multiplier = np.atleast_1d(np.asarray(multiplier, np.int64))
     shift = np.atleast_1d(np.asarray(shift, np.int64))
-    left = np.maximum(shift, 0)
-    right = np.maximum(-shift, 0)
-    v = R.astype(x, "int64")
-    if np.any(left > 0):  # x * (1 << left) wraps in int32 in TFLite
-        v = R.astype(R.astype(R.multiply(v, const(np.left_shift(1, left), "int64")), "int32"), "int64")
-    ab = R.multiply(v, const(multiplier, "int64"))
-    ab = bb.emit(ab)
-    zero = const(0, "int64")
-    nudged = R.add(ab, R.where(R.greater_equal(ab, zero), const(1 << 30, "int64"), const(1 - (1 << 30), "int64")))
-    nudged = bb.emit(nudged)
-    # C++ '/ (1 << 31)' truncates toward zero: bias negative values before the arithmetic shift.
-    high = R.right_shift(R.add(nudged, R.where(R.less(nudged, zero), const((1 << 31) - 1, "int64"), zero)), const(31, "int64"))
-    high = bb.emit(high)
-    if not np.any(right > 0):
-        return high
-    return rounding_divide_by_pot(bb, high, right)
+    params = {"multiplier": multiplier, "left": np.maximum(shift, 0), "right": np.maximum(-shift, 0)}
+    shifts_left, shifts_right = bool(np.any(params["left"] > 0)), bool(np.any(params["right"] > 0))
+    channel_params = {k: v for k, v in params.items() if v.size > 1 and not np.all(v == v[0])}
+    names = sorted(channel_params)
+
+    def compute(tensor: te.Tensor, *channel_tensors: te.Tensor) -> te.Tensor:
+        by_name = dict(zip(names, channel_tensors))
+
+        def body(*index):
+            def param(name: str) -> tirx.PrimExpr:
+                if name in by_name:
+                    return by_name[name][index[-1]]
+                return tirx.const(int(params[name][0]), "int64")
+
+            def c(value: int) -> tirx.PrimExpr:
+                return tirx.const(value, "int64")
+
+            zero = c(0)
+            v = tensor(*index).astype("int64")
+            if shifts_left:  # x * (1 << left) wraps in int32 in TFLite
+                v = (v * (c(1) << param("left"))).astype("int32").astype("int64")
+            # SaturatingRoundingDoublingHighMul: TFLite's nudge (2^30, or 1 - 2^30 for negative
+            # products) followed by C's truncating division by 2^31 is exactly an arithmetic
+            # shift of (ab + 2^30) (the multiplier is positive, so no saturation case).
+            high = (v * param("multiplier") + c(1 << 30)) >> c(31)
+            if not shifts_right:
+                return high
+            # RoundingDivideByPOT (halves away from zero) = (x + 2^(e-1) - [x < 0]) >> e, e > 0.
+            right = param("right")
+            half = (c(1) << right) >> c(1)
+            negative = high >> c(63)  # -1 for negative values, else 0
+            if "right" in by_name:  # channels without a right shift keep their value
+                negative = tirx.Select(right > zero, negative, zero)
+            return (high + half + negative) >> right
+
+        return te.compute(tensor.shape, body, name="requantize")
+
+    x = x if isinstance(x, relax.Var) else bb.emit(x)
+    return bb.emit_te(compute, x, *[array_const(channel_params[name]) for name in names])
 
 
 def multiply_by_quantized_multiplier_single_rounding(
