@@ -36,9 +36,6 @@ _MAX_WIDTH_TILE = 8
 # several times (integer requantization) would otherwise grow exponentially along a chain.
 _MAX_INLINED_NODES = 64
 _MAX_DUPLICATED_NODES = 64
-# A producer this small (a bias add: one load and one constant) may be read several times
-# under any budget: copying it cannot grow expressions exponentially.
-_MAX_REPEATED_TINY_NODES = 16
 # Functions whose largest loop nest is smaller than this keep the default (unscheduled) code.
 _MIN_SCHEDULED_ELEMS = 512
 _CHEAP_CALLS = ("tirx.if_then_else", "prim.if_then_else")
@@ -106,7 +103,7 @@ def _has_costly_call(node: object) -> bool:
     )
 
 
-def _inline_grows_ok(sch: s_tir.Schedule, block: SBlockRV, max_nodes: int = _MAX_INLINED_NODES) -> bool:
+def _inline_grows_ok(sch: s_tir.Schedule, block: SBlockRV) -> bool:
     """Whether inlining ``block`` keeps every consumer expression small.
 
     A value read several times (integer requantization reads it in comparisons and selects)
@@ -120,11 +117,7 @@ def _inline_grows_ok(sch: s_tir.Schedule, block: SBlockRV, max_nodes: int = _MAX
     for consumer in sch.get_consumers(block):
         nodes = _walk(sch.get(consumer).body)
         reads = sum(1 for n in nodes if isinstance(n, tvm.ir.expr.TensorLoad) and n.source.same_as(buffer))
-        if reads > 1 and size > _MAX_REPEATED_TINY_NODES:
-            # duplicated values stay within the default budget, whatever max_nodes allows
-            if size > _MAX_DUPLICATED_NODES or len(nodes) + reads * size > _MAX_INLINED_NODES:
-                return False
-        if len(nodes) + reads * size > max_nodes:
+        if len(nodes) + reads * size > _MAX_INLINED_NODES or (reads > 1 and size > _MAX_DUPLICATED_NODES):
             return False
     return True
 
@@ -165,12 +158,8 @@ def _vector_tile(extent: int, lanes: int) -> int:
 # ---------------------------------------------------------------- inlining
 
 
-def inline_injective(sch: s_tir.Schedule, max_nodes: int = _MAX_INLINED_NODES) -> None:
-    """Inline spatial blocks into consumers; padding too (measured faster than a padded copy).
-
-    A consumer may grow to ``max_nodes`` expression nodes; values read more than once are
-    inlined only while small.
-    """
+def inline_injective(sch: s_tir.Schedule) -> None:
+    """Inline spatial blocks into consumers; padding too (measured faster than a padded copy)."""
     changed = True
     while changed:
         changed = False
@@ -180,7 +169,7 @@ def inline_injective(sch: s_tir.Schedule, max_nodes: int = _MAX_INLINED_NODES) -
             feeds_reduction = any(_is_reduction(sch, c) for c in sch.get_consumers(block))
             if feeds_reduction and _has_costly_call(sch.get(block).body):
                 continue  # recomputed per multiply-add; padding (if_then_else) is cheaper inlined
-            if not _inline_grows_ok(sch, block, max_nodes):
+            if not _inline_grows_ok(sch, block):
                 continue
             try:
                 sch.compute_inline(block)
