@@ -205,16 +205,18 @@ def _pip_download(arch: str, dest: Path, progress: Callable[[str], None]) -> Non
     cmd = pip_download_command(arch, dest, python=sys.executable)
     cmd[4:4] = ["--disable-pip-version-check", "--no-input", "--retries", "2", "--timeout", "30"]
     progress(f"downloading apache-tvm / apache-tvm-ffi manylinux {arch} wheels: {' '.join(cmd[3:])}")
+    _run_pip(cmd, f"the {arch} runtime wheels", _manual_fix(arch))
+
+
+def _run_pip(command: list[str], what: str, fix: str) -> None:
+    """Run a ``pip download`` command; failures name what was being fetched and the manual fix."""
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(command, capture_output=True, text=True)
     except OSError as exc:
-        raise MissingDependencyError(f"cannot run pip ({exc}): install pip, or {_manual_fix(arch)}") from exc
+        raise MissingDependencyError(f"cannot run pip ({exc}): install pip, or {fix}") from exc
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-        raise RuntimeLibrariesError(
-            f"could not download the {arch} runtime wheels (no network?):\n{tail}\n"
-            f"Fix: {_manual_fix(arch)}"
-        )
+        raise RuntimeLibrariesError(f"could not download {what} (no network?):\n{tail}\nFix: {fix}")
 
 
 def _expected_sha256(wheel: Path, member: str) -> str:
@@ -365,16 +367,8 @@ def _fetch_wheel(requirement: str, prefix: str, version: str, arch: str, source:
     with tempfile.TemporaryDirectory(dir=source, prefix=".download-") as tmp:
         command[command.index("DIR")] = tmp
         say(f"downloading the {requirement} manylinux {arch} wheel")
-        try:
-            proc = subprocess.run(command, capture_output=True, text=True)
-        except OSError as exc:
-            raise MissingDependencyError(f"cannot run pip ({exc}); or run `{manual}` elsewhere") from exc
-        if proc.returncode != 0:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            raise RuntimeLibrariesError(
-                f"could not download {requirement} for {arch} (no network?):\n{tail}\nFix: on a "
-                f"connected machine run `{manual}` and pass that folder as --runtime-wheels"
-            )
+        fix = f"on a connected machine run `{manual}` and pass that folder as --runtime-wheels"
+        _run_pip(command, f"{requirement} for {arch}", fix)
         for whl in Path(tmp).glob("*.whl"):
             os.replace(whl, source / whl.name)
     wheel = _find_wheel(source, prefix, version, arch)
