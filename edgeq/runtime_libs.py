@@ -354,7 +354,7 @@ def _fetch_wheel(requirement: str, prefix: str, version: str, arch: str, source:
         command += ["--platform", tag]
     command += ["--python-version", f"{sys.version_info.major}.{sys.version_info.minor}",
                 "--implementation", "cp", "-d", "DIR", requirement]
-    manual = " ".join(["python3", *command[3:]]).replace(" DIR ", " WHEELS ")
+    manual = " ".join(["python3", "-m", "pip", *command[3:]]).replace(" DIR ", " WHEELS ")
     if wheels_dir is not None:
         raise RuntimeLibrariesError(
             f"no manylinux {arch} wheel of {requirement} in {source}: on a connected machine run "

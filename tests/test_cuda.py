@@ -194,6 +194,19 @@ def test_nvcc_missing_is_named(monkeypatch, tmp_path):
         find_nvcc()
 
 
+def test_offline_cuda_runtime_names_the_wheel(tmp_path):
+    """--runtime-wheels without the CUDA runtime wheel: the error says which wheel and how to get it."""
+    from edgeq.runtime_libs import CUDART_VERSION, RuntimeLibrariesError, cuda_runtime_libraries
+
+    empty = tmp_path / "wheels"
+    empty.mkdir()
+    with pytest.raises(RuntimeLibrariesError) as error:
+        cuda_runtime_libraries("x86_64", wheels_dir=empty, cache_dir=tmp_path / "cache")
+    message = str(error.value)
+    assert f"nvidia-cuda-runtime=={CUDART_VERSION}" in message and "python3 -m pip download" in message
+    assert "--platform manylinux_2_28_x86_64" in message and "--runtime-wheels" in message
+
+
 def test_kernel_keys_and_counts():
     source = 'extern "C" __global__ void a(float* x);\nextern "C" __global__ void a(float* x) {\n}\n'
     assert kernel_count(source) == 1
