@@ -58,7 +58,7 @@ def schedule_gpu(rules: Sequence[Any] | None = None) -> Any:
     from tvm import s_tir, tirx
     from tvm.s_tir import dlight as dl
 
-    from .schedules.rules import inline_injective
+    from .schedules.rules import _is_reduction, inline_injective
 
     if rules is None:
         # dlight's GEMV rule is left out: it does not terminate on some integer kernels.
@@ -100,15 +100,13 @@ def schedule_gpu(rules: Sequence[Any] | None = None) -> Any:
 
 def _reads_8bit(sch: Any) -> bool:
     """Whether a reduction block of the function reads int8/uint8 data."""
+    from .schedules.rules import _is_reduction
+
     for block in sch.get_child_blocks(sch.get_sblock("root")):
         if _is_reduction(sch, block):
             if any(str(region.source.dtype) in ("int8", "uint8") for region in sch.get(block).reads):
                 return True
     return False
-
-
-def _is_reduction(sch: Any, block: Any) -> bool:
-    return any(var.iter_type == 2 for var in sch.get(block).iter_vars)  # 2: CommReduce
 
 
 def _first_rule(func: Any, target: Any, rules: Sequence[Any], name: str) -> Any:
@@ -130,26 +128,26 @@ def _first_rule(func: Any, target: Any, rules: Sequence[Any], name: str) -> Any:
 SMALL_REDUCTION = 64
 
 
-def _extent(sch: Any, loop: Any) -> int | None:
-    from tvm import tirx
+def _loops_size(sch: Any, loops: Sequence[Any]) -> int:
+    """Product of the loops' extents (a symbolic extent counts as huge)."""
+    from .schedules.rules import _int_extent
 
-    extent = sch.get(loop).extent
-    return int(extent) if isinstance(extent, tirx.IntImm) else None
+    size = 1
+    for loop in loops:
+        size *= _int_extent(sch, loop) or 1 << 20
+    return size
 
 
 def _reduction_size(sch: Any) -> int:
     """Largest reduction (product of reduction loop extents) of any block; 0 if none."""
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-    largest = 0
-    for info in normalize_prim_func(sch) or []:
-        size = 1
-        for loop, kind in zip(sch.get_loops(info.block_rv), info.dom_kind()):
-            if kind == "R":
-                size *= _extent(sch, loop) or 1 << 20
-        if "R" in info.dom_kind():
-            largest = max(largest, size)
-    return largest
+    sizes = [
+        _loops_size(sch, [loop for loop, kind in zip(sch.get_loops(info.block_rv), info.dom_kind()) if kind == "R"])
+        for info in normalize_prim_func(sch) or []
+        if "R" in info.dom_kind()
+    ]
+    return max(sizes, default=0)
 
 
 def _spatial_size(sch: Any, block: Any) -> int:
@@ -184,9 +182,7 @@ def _bind_blockwise(sch: Any, threads: int = 256, warps_per_block: int = 8) -> N
         if not groups["S"]:
             groups["S"].append(sch.add_unit_loop(block))
         sch.reorder(*groups["S"], *groups["R"], *groups["O"])
-        size = 1
-        for loop in groups["R"]:
-            size *= _extent(sch, loop) or 1 << 20
+        size = _loops_size(sch, groups["R"])
         spatial = sch.fuse(*groups["S"])
         if _WARP_REDUCTIONS and groups["R"] and not groups["O"] and size > SMALL_REDUCTION:
             reduction = sch.fuse(*groups["R"])

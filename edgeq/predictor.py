@@ -51,8 +51,6 @@ class Predictor:
                     self._vm = RelaxVM(runtime, workdir / self.manifest.library)
                 else:
                     self._vm = self._load_on_gpu(runtime, workdir, gpu_index)
-            except GpuUnavailableError:
-                raise
             except (TVMError, OSError, RuntimeError) as error:
                 raise RuntimeFailure(f"cannot load {self.path}: {error}") from None
         finally:
