@@ -36,7 +36,7 @@ from .predictor import Predictor, load
 if TYPE_CHECKING:  # host-side names, imported on first use
     from .compiler import CompileOptions
     from .packager import PackageOptions, PackageResult, package
-    from .quantization import QuantConfig, QuantizationReport, quantize
+    from .quantization import EvalSample, FallbackReport, QuantConfig, QuantizationReport, labelled_pictures, quantize
 
 _HOST_NAMES = {
     "package": "packager",
@@ -46,6 +46,9 @@ _HOST_NAMES = {
     "quantize": "quantization",
     "QuantConfig": "quantization",
     "QuantizationReport": "quantization",
+    "FallbackReport": "quantization",
+    "EvalSample": "quantization",
+    "labelled_pictures": "quantization",
 }
 
 
@@ -67,6 +70,8 @@ __all__ = [
     "Detections",
     "Device",
     "EdgeqError",
+    "EvalSample",
+    "FallbackReport",
     "GpuUnavailableError",
     "InputError",
     "Manifest",
@@ -80,6 +85,7 @@ __all__ = [
     "UnknownDeviceError",
     "UnsupportedModelError",
     "get_device",
+    "labelled_pictures",
     "list_devices",
     "load",
     "package",

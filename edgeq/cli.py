@@ -64,6 +64,7 @@ def cmd_package(args: argparse.Namespace) -> int:
         runtime_wheels=args.runtime_wheels,
         quantize=_quant_config(args),
         calibration=args.calibration,
+        evaluation=args.eval,
     )
     result = package(args.model, args.output, options, progress=_progress_printer())
     report = result.manifest.compile_report
@@ -77,17 +78,26 @@ def cmd_package(args: argparse.Namespace) -> int:
 
 
 def _quant_config(args: argparse.Namespace):
-    """QuantConfig for --quantize int8, or None (errors when calibration flags come without it)."""
-    if args.quantize != "int8":
-        if args.calibration is not None:
-            used_with = "; fp16 needs no calibration" if args.quantize == "fp16" else ""
-            raise EdgeqError(f"--calibration is only used with --quantize int8{used_with}")
+    """QuantConfig for --quantize int8/auto, or None (errors when calibration flags come without it)."""
+    if args.quantize not in ("int8", "auto"):
+        used_with = "; fp16 needs no calibration" if args.quantize == "fp16" else ""
+        for flag, value in (("--calibration", args.calibration), ("--max-accuracy-drop", args.max_accuracy_drop),
+                            ("--eval", args.eval)):
+            if value is not None:
+                raise EdgeqError(f"{flag} is only used with --quantize int8 or --quantize auto{used_with}")
         return None
     from .quantization import QuantConfig
+    from .quantization.config import DEFAULT_MAX_ACCURACY_DROP
 
     if args.calibration is None:
-        raise EdgeqError("--quantize int8 needs --calibration DIR, a folder of pictures like the model's inputs")
-    return QuantConfig(method=args.calibration_method, samples=args.samples, symmetric=args.symmetric)
+        raise EdgeqError(f"--quantize {args.quantize} needs --calibration DIR, a folder of pictures like the model's inputs")
+    budget = args.max_accuracy_drop
+    if budget is None and args.quantize == "auto":
+        budget = DEFAULT_MAX_ACCURACY_DROP
+    if args.eval is not None and budget is None:
+        raise EdgeqError("--eval DIR measures the accuracy budget: add --max-accuracy-drop PCT or use --quantize auto")
+    return QuantConfig(method=args.calibration_method, samples=args.samples, symmetric=args.symmetric,
+                       max_accuracy_drop=budget)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -193,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-integer", action="store_true", help="keep TVM's stock dequantize/float/quantize lowering")
     p.add_argument("--no-schedules", action="store_true", help="skip edgeq's CPU schedules (stock TVM loops)")
     p.add_argument("--runtime-wheels", type=Path, help="folder of apache-tvm/apache-tvm-ffi wheels (offline)")
-    p.add_argument("--quantize", choices=["int8", "fp16"],
-                   help="int8: calibrate a float model and package its int8 twin; fp16: run float ops in "
+    p.add_argument("--quantize", choices=["int8", "auto", "fp16"],
+                   help="int8: calibrate a float model and package its int8 twin; auto: int8 with an accuracy "
+                        "budget of 1 point (--max-accuracy-drop); fp16: run float ops in "
                         "float16 (TVM ToMixedPrecision; for ARMv8.2+ and CUDA, no calibration)")
     p.add_argument("--calibration", type=Path, metavar="DIR", help="folder of calibration pictures (--quantize)")
     p.add_argument("--calibration-method", choices=["minmax", "percentile", "entropy"], default="minmax",
@@ -202,6 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "KL-divergence (entropy) clipping threshold")
     p.add_argument("--samples", type=int, default=100, help="calibration pictures used at most (default 100)")
     p.add_argument("--symmetric", action="store_true", help="symmetric int8 activations (zero point 0)")
+    p.add_argument("--max-accuracy-drop", type=float, metavar="PCT",
+                   help="top-1 points the int8 model may lose against the float model; the most sensitive "
+                        "layers return to float until it holds (--quantize int8/auto)")
+    p.add_argument("--eval", type=Path, metavar="DIR",
+                   help="evaluation pictures for --max-accuracy-drop: sub-folders named by class index or label, "
+                        "or pictures directly inside (scored by agreement with the float model); default: "
+                        "every 4th calibration picture, by agreement")
     p.add_argument("--report", choices=["text", "json"], default="text", help="print the compile report as JSON")
     p.set_defaults(func=cmd_package)
 

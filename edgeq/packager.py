@@ -50,6 +50,10 @@ class PackageOptions:
     runtime_wheels: Path | None = None  # folder of apache-tvm / apache-tvm-ffi wheels (offline)
     quantize: QuantConfig | None = None  # calibrate a float model and package its int8 twin
     calibration: Path | None = None  # folder of calibration pictures (with ``quantize``)
+    # folder of evaluation pictures for ``quantize.max_accuracy_drop`` (sub-folders named by class
+    # index or label; pictures directly inside are scored by agreement with the float model). None:
+    # every 4th calibration picture is held out and scored by agreement with the float model.
+    evaluation: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -217,7 +221,7 @@ def package(
     with tempfile.TemporaryDirectory(prefix="edgeq-quantize-") as workdir:
         quantization = None
         if options.quantize is not None:
-            model, quantization = _quantize(model, preprocess, options, Path(workdir), say)
+            model, quantization = _quantize(model, preprocess, options, Path(workdir), say, labels=labels)
         library = compile_model(model, device, options.compile, say)
     if quantization is not None:
         library = replace(library, report={**library.report, "quantization": quantization.to_dict()})
@@ -277,7 +281,8 @@ def _class_count(model: TFLiteModel) -> int:
 
 
 def _quantize(
-    model: TFLiteModel, preprocess: Preprocess, options: PackageOptions, workdir: Path, say: Progress
+    model: TFLiteModel, preprocess: Preprocess, options: PackageOptions, workdir: Path, say: Progress,
+    labels: tuple[str, ...] = (),
 ) -> tuple[TFLiteModel, QuantizationReport]:
     """Calibrate ``model`` on the pictures in ``options.calibration`` and return its int8 twin."""
     from .quantization import picture_calibration, quantize
@@ -288,9 +293,20 @@ def _quantize(
         raise EdgeqError("quantizing needs calibration pictures: give --calibration DIR (a folder of pictures)")
     if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
         raise EdgeqError("--calibration DIR needs a single-picture-input model; use edgeq.quantize() with tensors")
-    calibration = picture_calibration(options.calibration, model.inputs[0], preprocess, limit=options.quantize.samples)
+    config = options.quantize
+    budget = config.max_accuracy_drop is not None
+    if options.evaluation is not None and not budget:
+        raise EdgeqError("an evaluation folder is only used with an accuracy budget (--max-accuracy-drop or --quantize auto)")
+    limit = config.samples_to_read(evaluation_given=options.evaluation is not None)
+    calibration = picture_calibration(options.calibration, model.inputs[0], preprocess, limit=limit)
+    evaluation = None
+    if budget and options.evaluation is not None:
+        from .quantization.evaluation import labelled_pictures
+
+        evaluation = labelled_pictures(options.evaluation, model.inputs[0], preprocess, labels=labels or model.labels)
     output = workdir / f"{model.path.stem}_int8.tflite"
-    report = quantize(model.path, calibration, options.quantize, output, progress=say)
-    say(report.summary())
+    report = quantize(model.path, calibration, config, output, progress=say, evaluation=evaluation)
+    for line in report.summary().splitlines() + (report.fallback.table().splitlines() if report.fallback else []):
+        say(line)
     quantized = read_tflite(output)
     return replace(quantized, labels=model.labels, normalization=model.normalization), report

@@ -93,6 +93,7 @@ class TFLiteBuilder:
         self.ops: list[_OpSpec] = []
         self.inputs: list[int] = []
         self.outputs: list[int] = []
+        self.description = "edgeq.tflite_builder"  # the model's description string
 
     # --- tensors -------------------------------------------------------------------------------------
     def tensor(self, shape: Sequence[int], dtype: str, quant: Q | None = None, name: str | None = None) -> int:
@@ -314,7 +315,7 @@ class TFLiteBuilder:
         codes_vec = self._table_vector(fb, m.ModelStartOperatorCodesVector, opcode_tables)
         subgraphs_vec = self._table_vector(fb, m.ModelStartSubgraphsVector, [subgraph])
         buffers_vec = self._table_vector(fb, m.ModelStartBuffersVector, buffers)
-        description = fb.CreateString("edgeq.tflite_builder")
+        description = fb.CreateString(self.description)
         m.ModelStart(fb)
         m.ModelAddVersion(fb, 3)
         m.ModelAddOperatorCodes(fb, codes_vec)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +23,7 @@ from .lower_elementwise import (
     lower_sub,
     lower_tanh,
 )
+from .lower_float import FLOAT_LOWERINGS, is_float_island
 from .lower_linear import lower_conv2d, lower_depthwise_conv2d, lower_fully_connected
 from .lower_pool import lower_average_pool2d, lower_max_pool2d, lower_mean
 from .lower_shape import (
@@ -32,7 +34,7 @@ from .lower_shape import (
     lower_transpose,
 )
 from .lower_softmax import lower_softmax
-from .report import IntegerReport
+from .report import DEFAULT_FLOAT_REASON, FLOAT_REASON_PREFIX, IntegerReport
 
 LOWERINGS: dict[str, Callable[[LoweringContext, Operator], Lowered]] = {
     "CONV_2D": lower_conv2d,
@@ -77,12 +79,47 @@ def _param_names(graph: Graph) -> list[str]:
 
 
 def _check_supported(graph: Graph, model_name: str) -> None:
-    missing = sorted({op.name for op in graph.operators if op.name not in LOWERINGS})
+    if not any(t.dtype in ("int8", "uint8") and t.quant is not None for t in graph.tensors if t.data is None):
+        raise UnsupportedModelError(
+            f"{model_name} has no 8-bit quantized activations; the integer importer lowers quantized models "
+            "(package a float model as it is, or quantize it with --quantize int8)"
+        )
+    missing = sorted({op.name for op in graph.operators if op.name not in LOWERINGS and op.name not in FLOAT_LOWERINGS})
     if missing:
         raise UnsupportedModelError(
             f"{model_name} uses ops the integer importer cannot lower: {', '.join(missing)}. "
             f"Supported: {', '.join(sorted(LOWERINGS))}."
         )
+
+
+def float_reason_of(model_path: str | Path) -> str:
+    """Why the model's float islands are float: from its description when edgeq.quantize wrote it."""
+    import tflite
+
+    try:
+        model = tflite.Model.GetRootAsModel(Path(model_path).read_bytes(), 0)
+        description = (model.Description() or b"").decode("utf-8", "replace")
+    except Exception:  # an unreadable description only loses the reason
+        return DEFAULT_FLOAT_REASON
+    return description[len(FLOAT_REASON_PREFIX):] if description.startswith(FLOAT_REASON_PREFIX) else DEFAULT_FLOAT_REASON
+
+
+def _lower(ctx: LoweringContext, op: Operator, float_reason: str) -> Lowered:
+    """An op's integer lowering, or its float one when its activations are float32 (a float island)."""
+    if op.name in FLOAT_LOWERINGS and is_float_island(ctx, op):
+        lowered = FLOAT_LOWERINGS[op.name](ctx, op)
+        return replace(lowered, float_reason=f"{float_reason} (output {ctx.tensor(op.outputs[0]).name})")
+    if op.name not in LOWERINGS:
+        raise UnsupportedModelError(
+            f"{op.name} #{op.index} has a float lowering only, but its tensors are quantized; "
+            f"the integer importer cannot lower it"
+        )
+    lowered = LOWERINGS[op.name](ctx, op)
+    if op.name == "QUANTIZE" and not lowered.integer and op.inputs[0] not in ctx.graph.inputs:
+        return replace(lowered, float_reason="quantizes a float island's output (float division by the scale)")
+    if op.name == "DEQUANTIZE" and not lowered.integer and op.outputs[0] not in ctx.graph.outputs:
+        return replace(lowered, float_reason="dequantizes a float island's input (exact table lookup)")
+    return lowered
 
 
 KERNELS = ("reference", "optimized")
@@ -110,11 +147,17 @@ def import_integer(model_path: str | Path, *, kernels: str = "reference") -> tup
     """
     graph = read_graph(model_path)
     _check_supported(graph, Path(model_path).name)
-    return convert_graph(graph, kernels=kernels)
+    return convert_graph(graph, kernels=kernels, float_reason=float_reason_of(model_path))
 
 
-def convert_graph(graph: Graph, *, kernels: str = "reference") -> tuple[tvm.IRModule, IntegerReport]:
-    """import_integer on an already parsed graph (outputs may be replaced, e.g. to inspect intermediates)."""
+def convert_graph(
+    graph: Graph, *, kernels: str = "reference", float_reason: str = DEFAULT_FLOAT_REASON
+) -> tuple[tvm.IRModule, IntegerReport]:
+    """import_integer on an already parsed graph (outputs may be replaced, e.g. to inspect intermediates).
+
+    Ops whose activations are all float32 (float islands between DEQUANTIZE and QUANTIZE) are
+    lowered in float (lower_float.py) and listed in the report's ``float_ops`` with ``float_reason``.
+    """
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, not {kernels!r}")
     _check_supported(graph, "the model")
@@ -129,7 +172,7 @@ def convert_graph(graph: Graph, *, kernels: str = "reference") -> tuple[tvm.IRMo
         with bb.dataflow():
             ctx = LoweringContext(bb, graph, values=dict(zip(graph.inputs, params)), kernels=kernels)
             for op in graph.operators:
-                lowered = LOWERINGS[op.name](ctx, op)
+                lowered = _lower(ctx, op, float_reason)
                 macs_total += lowered.macs
                 if lowered.integer:
                     ops_integer += 1

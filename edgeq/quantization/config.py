@@ -13,6 +13,8 @@ from ..manifest import Preprocess, TensorSpec
 
 METHODS = ("minmax", "percentile", "entropy")
 ACTIVATION_DTYPES = ("int8",)
+#: ``--quantize auto``'s accuracy budget: top-1 percentage points the int8 model may lose.
+DEFAULT_MAX_ACCURACY_DROP = 1.0
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 #: One calibration sample: ``{input name: tensor}``, one tensor (single-input models) or a
@@ -28,6 +30,8 @@ class QuantConfig:
 
     Activations are int8 per tensor (asymmetric, or symmetric with zero point 0 when ``symmetric``);
     weights are int8 symmetric per output channel; biases int32 with scale s_input * s_weight.
+    Layers in ``float_layers`` keep float weights and compute in float between a DEQUANTIZE and a
+    QUANTIZE; ``max_accuracy_drop`` chooses them automatically (``quantize(..., evaluation=...)``).
     """
 
     method: str = "minmax"  # "minmax": observed range; "percentile": clip the histogram's tails;
@@ -37,8 +41,21 @@ class QuantConfig:
     activation_dtype: str = "int8"
     percentile: float = 99.999  # "percentile": keep this share (%) of each tensor's values
     bins: int = 2048  # "percentile", "entropy": histogram bins per tensor
+    float_layers: frozenset[str] = frozenset()  # op output tensor names written in float (see fallback.py)
+    # Accuracy budget: percentage points of top-1 the int8 model may lose against the float model on
+    # the evaluation set; above it, the most sensitive layers return to float one at a time. None: off.
+    max_accuracy_drop: float | None = None
+    min_float_layers: int = 0  # with a budget: keep at least this many layers float (experiments, tests)
+    max_float_layers: int | None = None  # with a budget: give up after this many float layers
 
     def __post_init__(self) -> None:
+        if isinstance(self.float_layers, str):
+            raise EdgeqError("float_layers takes a collection of op output tensor names, not one string")
+        object.__setattr__(self, "float_layers", frozenset(self.float_layers))
+        if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 100:
+            raise EdgeqError(f"the accuracy budget must be 0..100 percentage points, not {self.max_accuracy_drop}")
+        if self.min_float_layers < 0 or (self.max_float_layers is not None and self.max_float_layers < self.min_float_layers):
+            raise EdgeqError("need 0 <= min_float_layers <= max_float_layers")
         if self.method not in METHODS:
             raise EdgeqError(f"calibration method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if self.activation_dtype not in ACTIVATION_DTYPES:
@@ -49,6 +66,13 @@ class QuantConfig:
             raise EdgeqError(f"percentile must be in (50, 100], not {self.percentile}")
         if self.bins < 16:
             raise EdgeqError(f"bins must be at least 16, not {self.bins}")
+
+    def samples_to_read(self, evaluation_given: bool) -> int:
+        """Calibration samples quantize() reads: ``samples``, and a third more when an accuracy budget
+        without an evaluation set holds every 4th sample out for evaluation."""
+        if self.max_accuracy_drop is None or evaluation_given:
+            return self.samples
+        return self.samples + (self.samples + 2) // 3
 
 
 def as_feeds(sample: Sample, inputs: Sequence[TensorSpec]) -> Iterator[list[np.ndarray]]:

@@ -5,6 +5,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .fallback import FallbackReport
+
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
@@ -26,7 +28,8 @@ class LayerReport:
 
     @property
     def float(self) -> bool:
-        """Kept in float after the model outputs' DEQUANTIZE (data movement only)."""
+        """Computed in float: kept float by the accuracy budget (or ``float_layers``), or data
+        movement after the model outputs' DEQUANTIZE."""
         return math.isnan(self.scale)
 
     def to_dict(self) -> dict[str, Any]:
@@ -49,11 +52,17 @@ class QuantizationReport:
     output_snr_db: float  # the model's float outputs vs the quantized model's, on the calibration set
     output_relative_error: float
     seconds: float
+    fallback: FallbackReport | None = None  # the accuracy budget's search, when one was given
+
+    @property
+    def float_layers(self) -> tuple[LayerReport, ...]:
+        """The layers computed in float in the written model."""
+        return tuple(layer for layer in self.layers if layer.float)
 
     @property
     def worst(self) -> LayerReport | None:
         """The layer with the lowest SNR."""
-        return min(self.layers, key=lambda layer: layer.snr_db, default=None)
+        return min((layer for layer in self.layers if not layer.float), key=lambda layer: layer.snr_db, default=None)
 
     def table(self) -> str:
         rows = [f"{'#':>3} {'op':<18} {'range':>23} {'scale':>10} {'zp':>4} {'SNR dB':>7} {'rel.err':>8}  tensor"]
@@ -67,6 +76,8 @@ class QuantizationReport:
                 f"{layer.index:>3} {layer.op:<18} [{layer.low:10.4g},{layer.high:10.4g}] {layer.scale:10.4g} "
                 f"{layer.zero_point:>4} {snr} {layer.relative_error:8.4f}  {layer.tensor[:48]}"
             )
+        if self.fallback is not None:
+            rows += ["", self.fallback.table()]
         return "\n".join(rows)
 
     def summary(self) -> str:
@@ -78,11 +89,14 @@ class QuantizationReport:
         )
         if worst is not None:
             text += f"; lowest layer SNR {worst.snr_db:.1f} dB at #{worst.index} {worst.op}"
+        if self.fallback is not None:
+            text += f"\n{self.fallback.summary()}"
         return text
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["layers"] = [layer.to_dict() for layer in self.layers]
+        data["fallback"] = self.fallback.to_dict() if self.fallback is not None else None
         data["output_snr_db"] = _finite(self.output_snr_db)
         data["summary"] = self.summary()
         return data

@@ -13,6 +13,10 @@ dequantized with its own scale before it, instead of being requantized to one sc
 heads (a CONCATENATION of a score head spanning [-6.7, 1.3] with one spanning [-271, 0.5] would
 otherwise quantize both with a step of 1.07). Data movement is exact in float, so this costs
 nothing in accuracy and little in time.
+
+*Float layers* (``QuantConfig.float_layers``, chosen by the accuracy budget in fallback.py) keep
+their float weights and compute in float32 between a DEQUANTIZE of their inputs and a QUANTIZE of
+their output (only where an int8 op reads it); exact ops fed only by float layers stay float too.
 """
 from __future__ import annotations
 
@@ -22,8 +26,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import UnsupportedModelError
+from ..errors import EdgeqError, UnsupportedModelError
 from ..int8.graph import Graph, Operator
+from ..int8.report import FLOAT_REASON_PREFIX
 from ..tflite_builder import Q, TFLiteBuilder
 from .config import QuantConfig
 
@@ -36,6 +41,9 @@ SUPPORTED = SAME_AS_INPUT | set(FIXED_OUTPUT) | FREE_OUTPUT
 SHARED_INPUTS = {"CONCATENATION"}
 # Ops that only move values: exact in float, so they may follow the DEQUANTIZE of a model output.
 DATA_MOVEMENT = {"RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "CONCATENATION"}
+# Ops that commute with quantization: computed in float when all their inputs come from float ops,
+# they give what the int8 op would give after a QUANTIZE (no extra DEQUANTIZE/QUANTIZE pair needed).
+EXACT_IN_FLOAT = DATA_MOVEMENT | {"PAD", "MAX_POOL_2D"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class Plan:
     quant: dict[int, tuple[float, int]]  # float graph tensor index -> (scale, zero point); not for the tail
     ranges: dict[int, tuple[float, float]]  # the (low, high) each scale was derived from
     float_tail: frozenset[int] = frozenset()  # op indices kept in float after the outputs' DEQUANTIZE
+    float_layers: frozenset[int] = frozenset()  # op indices kept in float on request (QuantConfig.float_layers)
 
 
 def check_supported(graph: Graph, model_name: str) -> None:
@@ -166,13 +175,33 @@ def _options(op: Operator) -> dict:
     return fields
 
 
+def float_layer_ops(graph: Graph, float_layers: frozenset[str]) -> frozenset[int]:
+    """Op indices of the layers named in ``float_layers`` (op output tensor names of the float model)."""
+    by_name = {graph.tensors[op.outputs[0]].name: op.index for op in graph.operators if not _is_fp16_weight(graph, op)}
+    unknown = sorted(set(float_layers) - set(by_name))
+    if unknown:
+        examples = ", ".join(list(by_name)[:3])
+        raise EdgeqError(
+            f"float_layers names no op output of this model: {', '.join(unknown)}; "
+            f"name layers by their op's output tensor (e.g. {examples}), as QuantizationReport.layers lists them"
+        )
+    return frozenset(by_name[name] for name in float_layers)
+
+
 def write_quantized(
     graph: Graph,
     ranges: dict[int, tuple[float, float]],
     config: QuantConfig,
     say: Callable[[str], None] = lambda _: None,
+    float_reason: str = "kept float on request (QuantConfig.float_layers)",
 ) -> tuple[bytes, Plan]:
-    """The int8 model's flatbuffer bytes and where each float activation went."""
+    """The int8 model's flatbuffer bytes and where each float activation went.
+
+    Ops of ``config.float_layers`` (and the float tail) are written with float32 inputs, weights,
+    bias and output: a DEQUANTIZE before each int8 input, a QUANTIZE after the output where int8
+    ops read it. Conversions are made once per tensor, where first needed. ``float_reason`` goes
+    into the model's description, where edgeq's integer importer reads why those ops are float.
+    """
     constants = float_constants(graph)
     consumers: dict[int, int] = {}
     for op in graph.operators:
@@ -180,17 +209,38 @@ def write_quantized(
             consumers[index] = consumers.get(index, 0) + 1
     ranges = dict(ranges)
     tail = float_tail(graph)
-    _tie_shared_inputs(graph, ranges, consumers, tail)
+    kept_float = float_layer_ops(graph, config.float_layers)
+    _tie_shared_inputs(graph, ranges, consumers, tail | kept_float)
 
     b = TFLiteBuilder()
-    quant: dict[int, tuple[float, int]] = {}
-    new: dict[int, int] = {}
+    b.description = f"{FLOAT_REASON_PREFIX}{float_reason}" if kept_float else "edgeq.quantize"
+    quant: dict[int, tuple[float, int]] = {}  # every activation's int8 quantization (also of float ones)
+    int8_of: dict[int, int] = {}  # float graph tensor -> its int8 tensor in the new model
+    float_of: dict[int, int] = {}  # float graph tensor -> its float32 tensor in the new model
     for index in graph.inputs:
         tensor = graph.tensors[index]
         quant[index] = activation_quant(*ranges[index], config.symmetric)
-        real = b.input(tensor.shape, "float32", name=tensor.name)
-        new[index] = b.quantize(real, Q(*quant[index]))
-        b.tensors[new[index]].name = f"{tensor.name}/int8"
+        float_of[index] = b.input(tensor.shape, "float32", name=tensor.name)
+
+    def as_int8(index: int, target: tuple[float, int] | None = None) -> int:
+        """The int8 version of an activation (in ``target`` quantization when given)."""
+        target = target or quant[index]
+        if index in int8_of and target == quant[index]:
+            return int8_of[index]
+        if index in int8_of:  # requantize to another scale (CONCATENATION's shared one)
+            return b.quantize(int8_of[index], Q(*target))
+        value = b.quantize(float_of[index], Q(*target))
+        if target == quant[index]:
+            int8_of[index] = value
+            b.tensors[value].name = f"{graph.tensors[index].name}/int8"
+        return value
+
+    def as_float(index: int) -> int:
+        """The float32 version of an activation (a DEQUANTIZE of its int8 tensor, made once)."""
+        if index not in float_of:
+            float_of[index] = b.dequantize(int8_of[index])
+            b.tensors[float_of[index]].name = f"{graph.tensors[index].name}/float"
+        return float_of[index]
 
     def const_input(index: int, op: Operator, position: int, input_scale: float | None) -> int:
         if index < 0:
@@ -201,6 +251,8 @@ def write_quantized(
                 raise UnsupportedModelError(f"{op.name} #{op.index}: input {tensor.name} is neither computed nor constant")
             return b.constant(tensor.data, name=tensor.name)
         data = constants[index]
+        if input_scale is None:  # a float op: float weights, bias and constants as they are
+            return b.constant(data, name=tensor.name)
         if op.name in WEIGHT_AXIS and position == 1:
             values, scales = weight_quant(data, WEIGHT_AXIS[op.name])
             return b.constant(values, Q(scales.tolist(), 0, axis=WEIGHT_AXIS[op.name]), name=tensor.name)
@@ -214,56 +266,56 @@ def write_quantized(
         q = np.clip(np.round(data / np.float32(scale)) + zero_point, -128, 127).astype(np.int8)
         return b.constant(q, Q(scale, zero_point), name=tensor.name)
 
-    dequantized: dict[int, int] = {}  # int8 tensor -> its float32 DEQUANTIZE, for the float tail
-
-    def as_float(index: int) -> int:
-        if index in quant:
-            if index not in dequantized:
-                dequantized[index] = b.dequantize(new[index])
-                b.tensors[dequantized[index]].name = f"{graph.tensors[index].name}/float"
-            return dequantized[index]
-        return new[index]  # already float (produced in the tail)
-
+    computed = set(graph.inputs)
+    float_outputs: set[int] = set()  # outputs of ops computed in float
+    followers: set[int] = set()  # exact ops whose inputs all come from float ops
     for op in graph.operators:
         if _is_fp16_weight(graph, op):
             continue
         out = op.outputs[0]
-        if op.index in tail:
-            inputs = [
-                as_float(i) if i in new else b.constant(constants[i], name=graph.tensors[i].name) if i in constants
-                else const_input(i, op, n, None) for n, i in enumerate(op.inputs)
-            ]
-            new[out] = b.tensor(graph.tensors[out].shape, "float32", name=graph.tensors[out].name)
-            b.op(op.name, inputs, [new[out]], **_options(op))
-            continue
-        first = next((i for i in op.inputs if i in new), None)
+        first = next((i for i in op.inputs if i in computed), None)
         if first is None:
             raise UnsupportedModelError(f"{op.name} #{op.index} computes on constants only; fold it before quantizing")
+        computed.add(out)
         if op.name in SAME_AS_INPUT:
             quant[out] = quant[first]
         elif op.name in FIXED_OUTPUT:
             quant[out] = FIXED_OUTPUT[op.name]
         else:
             quant[out] = activation_quant(*ranges[out], config.symmetric)
+        activations = [i for i in op.inputs if i in computed]
+        if op.name in EXACT_IN_FLOAT and all(i in float_outputs for i in activations):
+            followers.add(op.index)  # moves float values only: stays float, quantized where int8 ops read it
+        if op.index in tail or op.index in kept_float or op.index in followers:
+            float_outputs.add(out)
+            inputs = [as_float(i) if i in computed else const_input(i, op, n, None) for n, i in enumerate(op.inputs)]
+            float_of[out] = b.tensor(graph.tensors[out].shape, "float32", name=graph.tensors[out].name)
+            b.op(op.name, inputs, [float_of[out]], **_options(op))
+            continue
         inputs = []
         for position, index in enumerate(op.inputs):
-            if index in new:
-                value = new[index]
-                if op.name in SHARED_INPUTS and quant[index] != quant[out]:
-                    value = b.quantize(value, Q(*quant[out]))  # requantize to the shared scale
-                inputs.append(value)
+            if index in computed:
+                shared = op.name in SHARED_INPUTS and quant[index] != quant[out]
+                inputs.append(as_int8(index, quant[out] if shared else None))
             else:
                 inputs.append(const_input(index, op, position, quant[first][0]))
         tensor = graph.tensors[out]
-        new[out] = b.tensor(tensor.shape, "int8", Q(*quant[out]), name=tensor.name)
-        b.op(op.name, inputs, [new[out]], **_options(op))
+        int8_of[out] = b.tensor(tensor.shape, "int8", Q(*quant[out]), name=tensor.name)
+        b.op(op.name, inputs, [int8_of[out]], **_options(op))
     for index in graph.outputs:
-        if index not in quant:  # computed in the float tail
-            b.output(new[index])
+        if index in float_outputs or index not in int8_of:  # computed in float, or an input passed through
+            b.output(float_of[index])
             continue
-        real = b.dequantize(new[index])
+        real = as_float(index)
         b.tensors[real].name = graph.tensors[index].name
-        b.tensors[new[index]].name = f"{graph.tensors[index].name}/int8"
+        b.tensors[int8_of[index]].name = f"{graph.tensors[index].name}/int8"
         b.output(real)
-    say(f"wrote {len(b.ops)} int8 ops" + (f" ({len(tail)} data-movement ops after the outputs' DEQUANTIZE)" if tail else ""))
-    return b.build(), Plan(tensor=new, quant=quant, ranges=ranges, float_tail=tail)
+    notes = []
+    if kept_float:
+        notes.append(f"{len(kept_float)} layers kept float" + (f", {len(followers)} exact ops after them" if followers else ""))
+    if tail:
+        notes.append(f"{len(tail)} data-movement ops after the outputs' DEQUANTIZE")
+    say(f"wrote {len(b.ops)} ops" + (f" ({'; '.join(notes)})" if notes else ""))
+    measured = {**float_of, **int8_of, **{index: float_of[index] for index in float_outputs}}  # float ops: float
+    plan_quant = {i: q for i, q in quant.items() if i in int8_of and i not in float_outputs}
+    return b.build(), Plan(tensor=measured, quant=plan_quant, ranges=ranges, float_tail=tail, float_layers=kept_float)
