@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("package", help="compile a model into a bundle for a device")
-    p.add_argument("model", type=Path, help="a .tflite model")
+    p.add_argument("model", type=Path, help="a .tflite or .onnx model")
     p.add_argument("--device", "-d", default="x86_64", help="deploy target (see `edgeq devices`)")
     p.add_argument("--output", "-o", type=Path, help="bundle path (default: MODEL.edgeq here)")
     p.add_argument("--labels", type=Path, help="labels file, one per line, in class order")
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--std", type=float, nargs="+", help="per-channel pixel std (0..255 scale)")
     p.add_argument("--standardize", action="store_true", help="standardise each picture to mean 0, std 1")
     p.add_argument("--raw-pixels", action="store_true", help="feed pixels 0..255 unchanged (int8: pixel-128)")
-    p.add_argument("--color", choices=["rgb", "grey"], help="colour conversion before resizing")
+    p.add_argument("--color", choices=["rgb", "bgr", "grey"], help="colour conversion before resizing")
     p.add_argument("--resize", choices=["bilinear", "nearest", "bicubic", "lanczos"], help="resize method")
     p.add_argument("--center-crop", type=float, help="keep this fraction of the shorter side, centred")
     p.add_argument("--letterbox", action="store_true", help="keep the aspect ratio when resizing, padding the rest")

@@ -40,7 +40,8 @@ def print_report(report: Any, out: Any = sys.stdout) -> None:
     """The human-readable remote-test report: per picture (one device) and one row per device."""
     t = report.thresholds
     print(f"bundle     {report.bundle}", file=out)
-    print(f"reference  {report.model} (TFLite reference kernels)", file=out)
+    engine = "onnxruntime" if report.model.lower().endswith(".onnx") else "TFLite reference kernels"
+    print(f"reference  {report.model} ({engine})", file=out)
     print(f"thresholds max steps <= {t.max_steps:g}, identical >= {_percent(t.min_identical)}, "
           f"top-1 agreement >= {_percent(t.min_top1)}", file=out)
     if len(report.devices) == 1 and report.devices[0].pictures:

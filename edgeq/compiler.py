@@ -1,4 +1,4 @@
-"""Host side: TFLite model -> Relax -> a compiled, exported library for one device.
+"""Host side: TFLite or ONNX model -> Relax -> a compiled, exported library for one device.
 
 TVM is imported lazily so that ``import edgeq`` stays light on devices.
 """
@@ -8,10 +8,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 from .devices import Device
 from .errors import EdgeqError, MissingDependencyError, UnsupportedModelError
+from .onnx_model import OnnxModel
 from .tflite_model import TFLiteModel
 
 if TYPE_CHECKING:
@@ -19,6 +20,11 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str], None]
 PRECISIONS = ("native", "fp16")
+SourceModel = Union[TFLiteModel, OnnxModel]
+QDQ_ONNX_SUMMARY = (
+    "QDQ ONNX model: runs in TVM's dequantize -> float -> quantize lowering (edgeq's bit-exact "
+    "integer kernels are TFLite-only); outputs follow onnxruntime's within rounding steps"
+)
 
 
 @dataclass(frozen=True)
@@ -91,12 +97,59 @@ def import_stock(model: TFLiteModel) -> Any:
         ) from None
 
 
-def import_model(model: TFLiteModel, options: CompileOptions) -> tuple[Any, dict[str, Any]]:
+def unsupported_onnx_ops(model: OnnxModel) -> list[str]:
+    """The op types of ``model`` that TVM's Relax ONNX importer has no converter for."""
+    _tvm()
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = _get_convert_map()
+    return sorted({op for op in model.ops if op not in known})
+
+
+def import_onnx(model: OnnxModel) -> Any:
+    """The model through TVM's Relax ONNX importer, weights bound as constants, batch fixed to 1.
+
+    QDQ models keep QuantizeLinear/DequantizeLinear, which TVM lowers to float arithmetic.
+    """
+    tvm = _tvm()
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    missing = unsupported_onnx_ops(model)
+    if missing:
+        raise UnsupportedModelError(
+            f"{model.path.name} cannot be compiled: TVM's ONNX importer does not support the op(s) "
+            f"{', '.join(missing)}. Export the model again without them (e.g. a different opset or "
+            "exporter options), or replace them with supported ops."
+        )
+    shapes = {spec.name: list(spec.shape) for spec in model.inputs}
+    dtypes = {spec.name: spec.dtype for spec in model.inputs}
+    try:
+        mod = from_onnx(model.proto(), shape_dict=shapes, dtype_dict=dtypes, opset=model.opset or None,
+                        keep_params_in_input=False, sanitize_input_names=False)
+        mod = relax.transform.DecomposeOpsForInference()(mod)  # batch_norm -> scale and shift
+        return relax.transform.FoldConstant()(mod)
+    except tvm.error.OpNotImplemented as error:
+        raise UnsupportedModelError(f"{model.path.name} cannot be compiled:\n{str(error).strip()}") from None
+    except Exception as error:  # the importer raises assorted errors on graphs it cannot convert
+        raise UnsupportedModelError(
+            f"TVM's ONNX importer could not convert {model.path.name}: {_first_line(error)}"
+        ) from None
+
+
+def import_model(model: SourceModel, options: CompileOptions) -> tuple[Any, dict[str, Any]]:
     """Relax module for ``model`` and a report of how it was imported.
 
-    Quantized models go through edgeq's integer importer; if it cannot lower the model, TVM's
-    stock importer (dequantize -> float -> quantize) takes over and the report says why.
+    Quantized TFLite models go through edgeq's integer importer; if it cannot lower the model,
+    TVM's stock importer (dequantize -> float -> quantize) takes over and the report says why.
+    ONNX models go through TVM's ONNX importer (QDQ models in its dequantize -> float -> quantize
+    lowering).
     """
+    if isinstance(model, OnnxModel):
+        report: dict[str, Any] = {"importer": "tvm-onnx", "opset": model.opset}
+        if model.is_qdq:
+            report["summary"] = QDQ_ONNX_SUMMARY
+        return import_onnx(model), report
     if model.is_quantized and options.integer_lowering:
         from .int8 import import_integer
 
@@ -159,7 +212,7 @@ def export(executable: Any, device: Device) -> bytes:
 
 
 def compile_model(
-    model: TFLiteModel, device: Device, options: CompileOptions, progress: Progress = lambda _: None
+    model: SourceModel, device: Device, options: CompileOptions, progress: Progress = lambda _: None
 ) -> CompiledLibrary:
     """Import, compile and export ``model`` for ``device``."""
     progress("importing the model into Relax")

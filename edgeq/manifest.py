@@ -10,13 +10,19 @@ from typing import Any
 
 from .errors import BundleFormatError
 
+# Format 1: CPU bundles. Format 2 adds the ``gpu`` section and the "bgr" colour order; bundles are
+# written in the lowest format that holds them, so an older edgeq refuses what it would misread.
 FORMAT_VERSION = 2  # the newest format this edgeq reads and writes
-CPU_FORMAT_VERSION = 1  # what CPU bundles are written as
+CPU_FORMAT_VERSION = 1  # what CPU bundles without format-2 features are written as
+COLORS = ("rgb", "grey", "bgr")
+_FORMAT_2_COLORS = ("bgr",)
 
 
-def format_version_for(gpu: "GpuInfo | None") -> int:
-    """The lowest format that can hold a manifest with (or without) GPU information."""
-    return CPU_FORMAT_VERSION if gpu is None else FORMAT_VERSION
+def format_version_for(gpu: "GpuInfo | None", preprocess: "Preprocess | None" = None) -> int:
+    """The lowest format that can hold a manifest with (or without) GPU information and this pre-processing."""
+    if gpu is not None or (preprocess is not None and preprocess.color in _FORMAT_2_COLORS):
+        return FORMAT_VERSION
+    return CPU_FORMAT_VERSION
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ class Preprocess:
     int8 input), TFLite's convention for quantized image models.
     """
 
-    color: str = "rgb"  # "rgb" or "grey"
+    color: str = "rgb"  # "rgb", "bgr" (channels in OpenCV's order) or "grey"
     resize: str = "bilinear"  # PIL resampling: "bilinear", "nearest", "bicubic", "lanczos"
     center_crop: float | None = None  # fraction of the shorter side kept before resizing
     mean: tuple[float, ...] = (127.5,)
@@ -244,6 +250,9 @@ class Manifest:
             raise BundleFormatError(f"bundle format {version} is not a valid edgeq format")
         if data.get("gpu") is not None and version < FORMAT_VERSION:
             raise BundleFormatError(f"bundle format {version} cannot hold GPU information: rewritten?")
+        color = (data.get("preprocess") or {}).get("color", "rgb")
+        if color not in COLORS or (color in _FORMAT_2_COLORS and version < FORMAT_VERSION):
+            raise BundleFormatError(f"bundle format {version} cannot hold the colour order {color!r}: rewritten?")
         try:
             return cls(
                 format_version=version,

@@ -12,7 +12,7 @@ from . import __version__
 from .bundle import BUNDLE_SUFFIX, sha256_bytes, write_bundle
 from .compiler import CompileOptions, compile_model
 from .devices import Device, get_device
-from .errors import EdgeqError, UnsupportedModelError
+from .errors import EdgeqError
 from .manifest import (
     BoxDecodeOptions,
     GpuInfo,
@@ -108,7 +108,7 @@ def default_postprocess(model: TFLiteModel) -> Postprocess:
     """
     classes = _class_count(model)
     if len(model.outputs) == 1 and classes >= 2 and max(model.outputs[0].shape) == classes:
-        already_probabilities = model.output_producers[0] in ("SOFTMAX", "LOGISTIC")
+        already_probabilities = model.output_producers[0] in ("SOFTMAX", "LOGISTIC", "Softmax", "Sigmoid")
         return Postprocess(kind="classification", softmax=not already_probabilities, top_k=min(5, classes))
     shapes = [spec.shape for spec in model.outputs]
     if len(shapes) == 2 and len(model.inputs) == 1 and model.inputs[0].shape[1:3] == (128, 128):
@@ -198,16 +198,20 @@ def package(
     started = time.perf_counter()
     say = progress or (lambda _: None)
     model_path = Path(model_path)
-    if model_path.suffix.lower() == ".onnx":
-        raise UnsupportedModelError("ONNX models are not packaged yet; convert to TFLite or wait for ONNX support")
     device = get_device(options.device)
     device.require_buildable()
     say(f"reading {model_path.name}")
-    model = read_tflite(model_path)
+    if model_path.suffix.lower() == ".onnx":
+        from .onnx_model import read_onnx
+
+        model = read_onnx(model_path)
+    else:
+        model = read_tflite(model_path)
     if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
         say("note: not a single-picture-input model; predict() will need raw tensors via run()")
     try:
-        preprocess = replace(default_preprocess(model), **dict(options.preprocess))
+        base = model.preprocess if getattr(model, "format", "tflite") == "onnx" else default_preprocess(model)
+        preprocess = replace(base, **dict(options.preprocess))
     except TypeError as error:
         raise EdgeqError(f"unknown pre-processing option: {error}") from None
     postprocess = _postprocess(model, options.postprocess)
@@ -246,9 +250,9 @@ def package(
         )
 
     manifest = Manifest(
-        format_version=format_version_for(gpu),
+        format_version=format_version_for(gpu, preprocess),
         edgeq_version=__version__,
-        source=SourceModel(name=model_path.name, format="tflite", sha256=source_sha256),
+        source=SourceModel(name=model_path.name, format=getattr(model, "format", "tflite"), sha256=source_sha256),
         target=TargetInfo(
             device=device.name,
             arch=device.arch,
@@ -297,6 +301,11 @@ def _quantize(
     budget = config.max_accuracy_drop is not None
     if options.evaluation is not None and not budget:
         raise EdgeqError("an evaluation folder is only used with an accuracy budget (--max-accuracy-drop or --quantize auto)")
+    if getattr(model, "format", "tflite") == "onnx":  # onnxruntime's QDQ quantizer; see onnx_quantize.py
+        from .quantization.onnx_quantize import quantize_for_bundle
+
+        return quantize_for_bundle(model, preprocess, config, options.calibration, workdir,
+                                   eval_dir=options.evaluation, labels=labels or model.labels, progress=say)
     limit = config.samples_to_read(evaluation_given=options.evaluation is not None)
     calibration = picture_calibration(options.calibration, model.inputs[0], preprocess, limit=limit)
     evaluation = None

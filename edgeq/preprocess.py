@@ -135,6 +135,8 @@ def picture_to_tensor_mapped(image: ImageLike, spec: TensorSpec, options: Prepro
     pixels = np.asarray(picture, dtype=np.uint8)
     if pixels.ndim == 2:
         pixels = pixels[..., None]
+    elif options.color == "bgr":  # OpenCV's channel order (e.g. PaddleClas models)
+        pixels = pixels[..., ::-1]
     if pixels.shape[-1] != channels:
         raise InputError(f"the model wants {channels} channels but the pre-processing gives {pixels.shape[-1]}")
     tensor = _encode(pixels, spec, options)[None]

@@ -1,4 +1,5 @@
-"""The host reference: TFLite's own interpreter (ai-edge-litert, or tflite-runtime where it works).
+"""The host reference: TFLite's own interpreter (ai-edge-litert, or tflite-runtime where it works);
+onnxruntime for ONNX models (``OnnxReference``).
 
 Two kernel sets: ``"reference"`` (TFLite's reference kernels, OpResolverType.BUILTIN_REF) define
 quantized arithmetic the same on every platform and are what edgeq's integer kernels match bit for
@@ -81,3 +82,38 @@ def run_reference(
 ) -> list[np.ndarray]:
     """Run one set of inputs through the reference interpreter."""
     return ReferenceInterpreter(model_path, num_threads, kernels).run(inputs)
+
+
+class OnnxReference:
+    """One ONNX model in onnxruntime (CPU execution provider): the reference for ONNX bundles.
+
+    onnxruntime runs QDQ models with its fused integer kernels; edgeq's bundles run them in
+    TVM's dequantize -> float -> quantize lowering, so quantized outputs agree within steps.
+    """
+
+    def __init__(self, model_path: str | os.PathLike[str], num_threads: int = 2) -> None:
+        try:
+            import onnxruntime
+        except ImportError:
+            raise MissingDependencyError(
+                "the ONNX reference needs onnxruntime: pip install 'edgeq[host]'"
+            ) from None
+        self.model_path = Path(model_path)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = num_threads
+        options.log_severity_level = 3
+        self._session = onnxruntime.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self._inputs = [value.name for value in self._session.get_inputs()]
+
+    def run(self, inputs: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Run raw input tensors (in the model's input order); returns the outputs."""
+        if isinstance(inputs, np.ndarray):
+            inputs = [inputs]
+        return list(self._session.run(None, dict(zip(self._inputs, inputs))))
+
+
+def open_reference(model_path: str | os.PathLike[str], num_threads: int = 2) -> ReferenceInterpreter | OnnxReference:
+    """The host reference for a source model: onnxruntime for .onnx, TFLite's reference kernels otherwise."""
+    if Path(model_path).suffix.lower() == ".onnx":
+        return OnnxReference(model_path, num_threads)
+    return ReferenceInterpreter(model_path, num_threads, REFERENCE_KERNELS)

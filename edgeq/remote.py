@@ -465,7 +465,7 @@ def remote_test(
     tensors in the host reference interpreter. A device's failure is recorded in its result
     (``error``); failures before any device is reached raise RemoteError.
     """
-    from .reference import REFERENCE_KERNELS, ReferenceInterpreter
+    from .reference import open_reference
 
     if (remote is None) == (tracker is None):
         raise RemoteError("give either a device address (--remote HOST:PORT) or a tracker (--tracker HOST:PORT --key KEY)")
@@ -484,7 +484,7 @@ def remote_test(
         pictures = [Path(p) for p in images]
     cases = _inputs(manifest, pictures, random_inputs)
     try:
-        interpreter = ReferenceInterpreter(model_path, kernels=REFERENCE_KERNELS)
+        interpreter = open_reference(model_path)  # TFLite's reference kernels, or onnxruntime for .onnx
         expected = [interpreter.run(tensors) for _, tensors in cases]
     except EdgeqError:
         raise

@@ -109,6 +109,19 @@ def test_newer_format_version_is_refused(bundle, tmp_path):
         edgeq.load(future)
 
 
+@pytest.mark.parametrize("color", ["bgr", "cmyk"])
+def test_colour_order_the_format_cannot_hold_is_refused(bundle, tmp_path, color):
+    """A format-1 bundle claiming BGR (a format-2 feature an older edgeq would read as RGB) is refused."""
+    assert json.loads(zipfile.ZipFile(bundle).read(MANIFEST_NAME))["format_version"] == 1
+
+    def recolour(manifest):
+        manifest["preprocess"]["color"] = color
+
+    odd = _edit_manifest(bundle, tmp_path / f"{color}.edgeq", recolour)
+    with pytest.raises(edgeq.BundleFormatError, match=f"cannot hold the colour order '{color}'"):
+        edgeq.load(odd)
+
+
 @pytest.mark.parametrize("member", ["../evil.so", "/etc/evil.so", "model/../../evil.so"])
 def test_path_traversal_member_is_refused(bundle, tmp_path, member):
     evil = tmp_path / "evil.edgeq"
