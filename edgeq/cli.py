@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_remote import add_remote_commands
 
     add_remote_commands(sub)
+    from .cli_tune import add_tune_parser
+
+    add_tune_parser(sub)
     return parser
 
 

@@ -1,0 +1,298 @@
+"""`edgeq tune`: MetaSchedule with a tiny budget, locally and through `edgeq serve` on loopback; the
+database resumes, and `apply_tuning_database` swaps in tuned kernels that stay bit-exact."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, shared_path
+from edgeq.devices import host_arch
+from edgeq.errors import EdgeqError, RemoteError, UnknownDeviceError
+
+MODEL = "mltk_rps96_int8.tflite"
+DEVICE = "x86_64-avx2"
+TASK = "conv2d2"  # the model's smallest convolution: one task keeps the budget tiny
+BOUND = 120  # seconds a CLI run may take before it counts as a hang
+
+tune_mod = pytest.importorskip("edgeq.tune")
+pytest.importorskip("cloudpickle", reason="MetaSchedule's workers need cloudpickle (edgeq[host])")
+
+
+def model_path() -> Path:
+    return shared_path("models", "tflite", MODEL)
+
+
+def options(db: Path, **changes) -> "tune_mod.TuneOptions":
+    values = dict(device=DEVICE, trials=2, database=db, task_filter=(TASK,), timeout=120.0)
+    values.update(changes)
+    return tune_mod.TuneOptions(**values)
+
+
+def record_count(db: Path) -> int:
+    return len((db / "database_tuning_record.json").read_text().splitlines())
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """One local tuning run (2 trials on one task) and what it reported."""
+    db = tmp_path_factory.mktemp("tuning") / "db"
+    lines: list[str] = []
+    result = tune_mod.tune(model_path(), options(db), progress=lines.append)
+    return db, result, lines
+
+
+def test_local_tuning_writes_a_database(tuned):
+    db, result, lines = tuned
+    assert (db / "database_workload.json").is_file() and record_count(db) == 2
+    assert result.measured_on == "this machine" and result.tasks_in_model > 1
+    (task,) = result.tasks
+    assert TASK in task.name and task.budget == 2
+    assert task.trials_now == 2 and task.trials_total == 2 and result.trials_now == 2
+    assert task.default_ms is not None and task.default_ms > 0  # edgeq's own schedule, measured alike
+    assert task.best_ms is not None and task.best_ms > 0
+    assert task.applied == (task.best_ms < task.default_ms)
+    assert result.estimated_ms == pytest.approx(min(task.best_ms, task.default_ms))
+    assert any("task 1/1" in line and "2/2 trials" in line and "best" in line for line in lines), lines
+    defaults = json.loads((db / tune_mod.DEFAULTS_FILE).read_text())["targets"]
+    assert len(defaults) == 1 and len(next(iter(defaults.values()))) == 1
+
+
+def test_rerun_resumes_without_repeating_trials(tuned, tmp_path):
+    db = tmp_path / "db"
+    shutil.copytree(tuned[0], db)
+    lines: list[str] = []
+    again = tune_mod.tune(model_path(), options(db), progress=lines.append)
+    assert again.trials_now == 0 and again.trials_total == 2 and record_count(db) == 2
+    assert any("already in the database" in line for line in lines), lines
+    assert again.tasks[0].default_ms == tuned[1].tasks[0].default_ms  # not measured again
+
+    more = tune_mod.tune(model_path(), options(db, trials=3), progress=lines.append)
+    assert more.trials_now == 1 and more.trials_total == 3 and record_count(db) == 3
+
+
+def _build(mod, target, extra_passes):
+    """edgeq's CPU pipeline with ``extra_passes`` before ScheduleCPU (where packaging inserts them)."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as generic
+
+    from edgeq.schedules import ScheduleCPU
+
+    def scheduled(module):
+        with target:
+            seq = tvm.transform.Sequential(generic.library_dispatch_passes(target) + generic.legalize_passes(target)
+                                           + list(extra_passes) + [ScheduleCPU(target)])
+            return seq(module)
+
+    @tvm.transform.module_pass(opt_level=0, name="test.Pipeline")
+    def pipeline(module, _ctx):
+        with target:
+            rest = tvm.transform.Sequential(generic.dataflow_lower_passes(target) + generic.finalize_passes(target))
+            return rest(scheduled(module))
+
+    return scheduled(mod), tvm.compile(mod, target=target, relax_pipeline=pipeline)
+
+
+def _prim_funcs(mod):
+    import tvm
+
+    return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def _run(executable, data):
+    import tvm
+
+    vm = tvm.runtime.vm.VirtualMachine(executable, tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(data))
+    return [out.numpy()] if hasattr(out, "numpy") else [o.numpy() for o in out]
+
+
+def test_applied_database_swaps_the_tuned_kernel_and_stays_bit_exact(tuned, tmp_path):
+    import tvm
+    import tvm_ffi
+
+    from edgeq.compiler import CompileOptions, import_model, tvm_target
+    from edgeq.devices import get_device
+    from edgeq.tflite_model import read_tflite
+
+    db = tmp_path / "db"
+    shutil.copytree(tuned[0], db)
+    defaults_file = db / tune_mod.DEFAULTS_FILE
+    defaults = json.loads(defaults_file.read_text())
+    (key,) = defaults["targets"]
+    (digest,) = defaults["targets"][key]
+    target = tvm_target(get_device(DEVICE))
+    model = read_tflite(model_path())
+    mod, _ = import_model(model, CompileOptions())
+
+    # edgeq's default beat every record: nothing is applied.
+    defaults["targets"][key][digest]["seconds"] = 0.0
+    defaults_file.write_text(json.dumps(defaults))
+    assert tune_mod.best_records(db, target)[1] == []
+    # The tuned record beats it: the pass swaps that one kernel in and marks it scheduled.
+    defaults["targets"][key][digest]["seconds"] = 1.0
+    defaults_file.write_text(json.dumps(defaults))
+    chosen, names = tune_mod.best_records(db, target)
+    assert len(names) == 1 and TASK in names[0]
+
+    default_mod, default_exe = _build(mod, target, [])
+    tuned_mod, tuned_exe = _build(mod, target, [tune_mod.apply_tuning_database(db, target)])
+    tuned_funcs, default_funcs = _prim_funcs(tuned_mod), _prim_funcs(default_mod)
+    assert tuned_funcs.keys() == default_funcs.keys()
+    (name,) = [n for n in tuned_funcs if TASK in n]
+    assert bool(tuned_funcs[name].attrs["tirx.is_scheduled"])
+    assert not tvm_ffi.structural_equal(tuned_funcs[name], default_funcs[name])  # MetaSchedule's loops
+    others = [n for n in tuned_funcs if n != name]
+    assert others and all(tvm_ffi.structural_equal(tuned_funcs[n], default_funcs[n]) for n in others)
+
+    rng = np.random.default_rng(7)
+    spec = model.inputs[0]
+    for _ in range(3):
+        data = rng.integers(-128, 128, size=spec.shape, dtype=np.int64).astype(spec.dtype)
+        for want, got in zip(_run(default_exe, data), _run(tuned_exe, data)):
+            np.testing.assert_array_equal(got, want)  # integer outputs exact whatever the schedule
+
+    # Records are per target: another CPU (no mcpu) gets none of them.
+    assert tune_mod.best_records(db, tvm_target(get_device("x86_64")))[1] == []
+
+
+# -- through `edgeq serve` on loopback ----------------------------------------------------------
+class Background:
+    """A command in its own process group, its output in a log file; ready once ``ready`` shows."""
+
+    def __init__(self, args: list[str], log: Path, ready: str, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 30
+        while ready not in log.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"{' '.join(args)} did not start:\n{log.read_text()}")
+            time.sleep(0.1)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+def start_server(tmp_path: Path, *extra: str) -> Background:
+    """`edgeq serve` on 127.0.0.1 with a token, serving the host's own TVM runtime libraries."""
+    import tvm
+    import tvm_ffi
+
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(exist_ok=True)
+    shutil.copy(Path(tvm.__file__).parent / "lib" / "libtvm_runtime.so", runtime)
+    shutil.copy(Path(tvm_ffi.__file__).parent / "lib" / "libtvm_ffi.so", runtime)
+    env = dict(os.environ, EDGEQ_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("EDGEQ_RPC_TOKEN", None)
+    return Background([sys.executable, "-m", "edgeq.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+                       "--runtime", str(runtime), "--token", "s3cret", *extra],
+                      tmp_path / "server.log", "listening on", env)
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = start_server(tmp_path)
+    yield srv.text().split("listening on ")[1].split()[0], srv.log
+    srv.stop()
+
+
+def test_tuning_measures_on_an_rpc_device(server, tmp_path):
+    address, log = server
+    lines: list[str] = []
+    result = tune_mod.tune(model_path(), options(tmp_path / "db", trials=1, remote=address, token="s3cret"),
+                           progress=lines.append)
+    (task,) = result.tasks
+    assert result.measured_on == address and task.trials_now == 1 and task.default_ms is not None
+    assert task.best_ms is not None, lines  # the candidate ran on the device
+    assert record_count(tmp_path / "db") == 1
+    assert log.read_text().count("session from 127.0.0.1 (pid") >= 3  # probe, default, candidate
+
+    with pytest.raises(RemoteError, match="wrong device key or token"):
+        tune_mod.tune(model_path(), options(tmp_path / "db", remote=address, token="wrong"))
+
+
+def test_tuning_measures_on_a_device_from_a_tracker(tmp_path):
+    pytest.importorskip("tornado", reason="TVM's tracker needs tornado")
+    code = ("from tvm.rpc.tracker import PopenTrackerServerState as S\n"
+            "s = S('127.0.0.1', 9190, 9390, silent=True)\n"
+            "print('tracker port', s.port, flush=True)\n"
+            "s.thread.join()\n")
+    tracker = Background([sys.executable, "-c", code], tmp_path / "tracker.log", "tracker port")
+    srv = None
+    try:
+        address = f"127.0.0.1:{tracker.text().split('tracker port')[1].split()[0]}"
+        srv = start_server(tmp_path, "--tracker", address, "--key", "tunepi")
+        deadline = time.monotonic() + 20
+        while "registered with tracker" not in srv.text():
+            assert time.monotonic() < deadline, srv.text()
+            time.sleep(0.1)
+        result = tune_mod.tune(model_path(), options(tmp_path / "db", trials=1, tracker=address, key="tunepi",
+                                                     token="s3cret"))
+        assert result.measured_on == f"tracker {address} key 'tunepi'"
+        assert result.trials_now == 1 and result.tasks[0].best_ms is not None
+    finally:
+        if srv is not None:
+            srv.stop()
+        tracker.stop()
+
+
+# -- errors and the CLI -------------------------------------------------------------------------
+def test_clear_errors(tmp_path):
+    with pytest.raises(UnknownDeviceError, match="unknown device 'nope'"):
+        tune_mod.tune(model_path(), options(tmp_path / "db", device="nope"))
+    with pytest.raises(RemoteError, match="cannot connect to 127.0.0.1:9"):
+        tune_mod.tune(model_path(), options(tmp_path / "db", remote="127.0.0.1:9"))
+    with pytest.raises(EdgeqError, match="no tunable tasks matching nosuchop"):
+        tune_mod.tune(model_path(), options(tmp_path / "db", task_filter=("nosuchop",)))
+    with pytest.raises(EdgeqError, match="--tracker needs --key"):
+        options(tmp_path / "db", tracker="127.0.0.1:9")
+    if host_arch() != "aarch64":
+        with pytest.raises(EdgeqError, match="is aarch64 and this machine is not"):
+            tune_mod.tune(model_path(), options(tmp_path / "db", device="rpi4"))
+    with pytest.raises(EdgeqError, match="holds no tuning database"):
+        tune_mod.apply_tuning_database(tmp_path / "empty", None)
+
+
+def edgeq_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "edgeq.cli", *args], capture_output=True, text=True,
+                          timeout=BOUND, env=env)
+
+
+def test_cli(tuned, tmp_path):
+    listed = edgeq_cli("tune", str(model_path()), "--device", DEVICE, "--list-tasks")
+    assert listed.returncode == 0, listed.stderr
+    names = [line.split()[0] for line in listed.stdout.splitlines()]
+    assert len(names) == tuned[1].tasks_in_model and "conv2d" in names[0]  # heaviest first
+
+    db = tmp_path / "db"
+    shutil.copytree(tuned[0], db)
+    proc = edgeq_cli("tune", str(model_path()), "--device", DEVICE, "--db", str(db), "--task", TASK,
+                     "--trials", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["trials_now"] == 0 and report["trials_total"] == 2 and report["database"] == str(db)
+    assert "already in the database" in proc.stderr
+
+    text = edgeq_cli("tune", str(model_path()), "--device", DEVICE, "--db", str(db), "--task", TASK, "--trials", "2")
+    assert text.returncode == 0 and "--tuning-db" in text.stdout and "packaging uses" in text.stdout
+
+    bad = edgeq_cli("tune", str(model_path()), "--device", DEVICE, "--db", str(db), "--remote", "127.0.0.1:9")
+    assert bad.returncode == 1 and "edgeq: error: cannot connect to 127.0.0.1:9" in bad.stderr
+    assert "Traceback" not in bad.stderr
