@@ -10,7 +10,7 @@ interpreter (XNNPACK, same thread count). Rows:
 * ``stock TVM``   -- the same stock import through ``tvm.compile`` (cpu_generic, no schedules);
 * ``TFLite``      -- ``ai_edge_litert`` interpreter.
 
-    python benchmarks/cpu_latency.py [--threads 2] [--repeat 30] [--mcpu haswell] [--no-stock]
+    python benchmarks/cpu_latency.py [--threads 2] [--repeat 30] [--mcpu haswell | --device x86_64-vnni] [--no-stock]
 """
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def bench_model(path: Path, target: object, threads: int, repeat: int, stock: bo
     log("edgeq build")
     start = time.perf_counter()
     executable = build_cpu(mod, target)
-    rows.append(("edgeq (stock import)", _median_ms(_tvm_runner(executable, inputs), repeat),
+    rows.append(("edgeq QDQ-float (stock import)", _median_ms(_tvm_runner(executable, inputs), repeat),
                  f"build {time.perf_counter() - start:.1f} s"))
     if "int8" in path.name or "uint8" in path.name:
         try:
@@ -116,9 +116,13 @@ def bench_model(path: Path, target: object, threads: int, repeat: int, stock: bo
     return rows
 
 
-def _default_target(mcpu: str | None, threads: int) -> object:
+def _default_target(mcpu: str | None, threads: int, device: str | None = None) -> object:
     import tvm
 
+    if device:
+        from edgeq.devices import get_device
+
+        return tvm.target.Target({**get_device(device).tvm_target, "num-cores": threads})
     if platform.machine() in ("aarch64", "arm64"):
         spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu or "cortex-a72", "mattr": ["+neon"]}
     else:
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--mcpu", default=None, help="LLVM CPU name (default haswell / cortex-a72)")
+    parser.add_argument("--device", default=None, help="take the TVM target of an edgeq device (e.g. x86_64-vnni)")
     parser.add_argument("--no-stock", action="store_true", help="skip the (slow) stock TVM build")
     args = parser.parse_args(argv)
     # The TVM thread pool reads TVM_NUM_THREADS once, when it starts.
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
 
     paths = [Path(m) for m in args.models] or [MODELS / m for m in DEFAULT_MODELS]
-    target = _default_target(args.mcpu, args.threads)
+    target = _default_target(args.mcpu, args.threads, args.device)
     print(f"target {target}, {args.threads} threads, median of {args.repeat} runs")
     for path in paths:
         if not path.exists():
@@ -149,12 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{path.name}", flush=True)
         rows = bench_model(path, target, args.threads, args.repeat, not args.no_stock)
         ref = rows[-1][1]
-        print(f"| {'runtime':<28} | {'median ms':>9} | {'x reference':>11} | note")
-        print(f"|{'-' * 30}|{'-' * 11}|{'-' * 13}|-----")
+        print(f"| {'runtime':<30} | {'median ms':>9} | {'x reference':>11} | note")
+        print(f"|{'-' * 32}|{'-' * 11}|{'-' * 13}|-----")
         for name, ms, note in rows:
             shown = f"{ms:9.2f}" if ms is not None else f"{'-':>9}"
             ratio = f"{ms / ref:11.2f}" if ms is not None and ref else f"{'-':>11}"
-            print(f"| {name:<28} | {shown} | {ratio} | {note}")
+            print(f"| {name:<30} | {shown} | {ratio} | {note}")
     return 0
 
 

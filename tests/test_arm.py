@@ -182,17 +182,11 @@ def _dot_product_count(bundle: Path, tmp_path: Path) -> int:
     return len(re.findall(r"^\s*[0-9a-f]+:\t[0-9a-f ]+\t(?:" + "|".join(DOT_PRODUCT) + r")\t", listing, flags=re.M))
 
 
-# Models whose int8 kernels are uint8 x int8 (asymmetric uint8 activations, int8 weights).
-MIXED_SIGN_MODELS = {"efficientnet_lite0_uint8.tflite"}
-
-
 def test_rpi5_library_uses_dot_product_instructions(bundles, tmp_path):
     name, paths = bundles
     if OUTPUT_KIND[name] == "float":
         pytest.skip(f"{name} is a float model: no int8 kernels")
-    if name in MIXED_SIGN_MODELS:
-        pytest.skip(f"{name} multiplies uint8 activations by int8 weights: sdot/udot need operands of one "
-                    "signedness (usdot needs Armv8.6 i8mm, which the Cortex-A76 lacks)")
+    # uint8 models too: the integer import runs their kernels on int8 activations (x - 128).
     assert _dot_product_count(paths["rpi5"], tmp_path) > 0, f"no sdot/udot in the rpi5 library of {name}"
     # The Pi 4's Cortex-A72 has no dot product: its library must not use them.
     assert _dot_product_count(paths["rpi4"], tmp_path) == 0
@@ -276,7 +270,7 @@ def test_missing_cross_compiler_names_the_apt_package(tmp_path, monkeypatch):
     assert not (tmp_path / "x.edgeq").exists()
 
 
-# -- edgeq.schedules_arm: int8 conv2d tensorized with sdot ----------------------------------------
+# -- the default CPU schedules: int8 conv2d tensorized with sdot ----------------------------------
 
 SDOT_DRIVER = textwrap.dedent(
     '''
@@ -293,15 +287,16 @@ SDOT_DRIVER = textwrap.dedent(
 )
 
 
-def test_schedules_arm_tensorizes_int8_conv_with_sdot(root, site, tmp_path):
-    """The sdot rule (not yet wired into edgeq.schedules) gives sdot code, bit-exact on the Pi."""
+def test_default_schedules_tensorize_int8_conv_with_sdot(root, site, tmp_path):
+    """edgeq's default CPU schedules give sdot code for rpi5, bit-exact on the Pi."""
     _require_cross_compiler()
     tvm = pytest.importorskip("tvm")
     from tvm.script import relax as R
 
     from edgeq.devices import get_device
     from edgeq.runtime_libs import runtime_libraries
-    from edgeq.schedules_arm import build_cpu_dotprod, target_has_dotprod
+    from edgeq.schedules import build_cpu
+    from edgeq.schedules.dotprod import SDOT, dot_products
 
     rng = np.random.default_rng(0)
     x = rng.integers(-128, 128, (1, 8, 8, 16), dtype=np.int8)
@@ -317,9 +312,9 @@ def test_schedules_arm_tensorizes_int8_conv_with_sdot(root, site, tmp_path):
             return y
 
     target = tvm.target.Target(get_device("rpi5").tvm_target)
-    assert target_has_dotprod(target) and not target_has_dotprod(tvm.target.Target(get_device("rpi4").tvm_target))
+    assert dot_products(target) == SDOT and dot_products(tvm.target.Target(get_device("rpi4").tvm_target)) == ()
     library = tmp_path / "conv.so"
-    build_cpu_dotprod(Conv, target).export_library(
+    build_cpu(Conv, target).export_library(
         str(library), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-gcc")
     )
     if shutil.which(OBJDUMP) is None:

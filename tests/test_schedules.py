@@ -1,6 +1,11 @@
 """edgeq.schedules: default CPU schedules are applied and change no output."""
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tvm
@@ -10,6 +15,7 @@ from conftest import shared_path
 from edgeq.schedules import build_cpu, cpu_pipeline
 
 X86 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
+VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
 AARCH64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]})
 RNG = np.random.default_rng(7)
 
@@ -86,6 +92,25 @@ def dense_module() -> tvm.IRModule:
     return _module((1, 256), body)
 
 
+def pointwise_module() -> tvm.IRModule:
+    """1x1 int8 conv2d (HWIO, as edgeq's integer lowering emits it), 32 -> 48 channels, requantized."""
+    weight = _int8(1, 1, 32, 48)
+
+    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        acc = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), data_layout="NHWC", kernel_layout="HWIO",
+                                         out_dtype="int32"))
+        return _requant(bb, acc, 1_400_000_000, 38)
+
+    return _module((1, 14, 14, 32), body)
+
+
+def _host_has(target: tvm.target.Target) -> bool:
+    """Whether this machine can run code built for ``target`` (x86 only: AVX2, or AVX-512 VNNI)."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    needed = "avx512_vnni" if str(target.attrs.get("mcpu", "")) == "cascadelake" else "avx2"
+    return re.search(rf"\b{needed}\b", flags) is not None
+
+
 def _run(executable: relax.Executable, inputs: list[np.ndarray]) -> list[np.ndarray]:
     dev = tvm.cpu()
     out = relax.VirtualMachine(executable, dev)["main"](*[tvm.runtime.tensor(x, dev) for x in inputs])
@@ -122,15 +147,19 @@ def test_builds_for_aarch64_neon() -> None:
     assert build_cpu(depthwise_module(), AARCH64) is not None
 
 
+@pytest.mark.parametrize("target", [X86, VNNI], ids=["avx2", "vnni"])
 @pytest.mark.parametrize(
     "make",
-    [conv_module, lambda: conv_module("HWIO", stride=2), conv_padded_output_module, depthwise_module, dense_module],
-    ids=["conv-ohwi", "conv-hwio-s2", "conv-padded-output", "depthwise", "dense"],
+    [conv_module, lambda: conv_module("HWIO", stride=2), conv_padded_output_module, depthwise_module, dense_module,
+     pointwise_module],
+    ids=["conv-ohwi", "conv-hwio-s2", "conv-padded-output", "depthwise", "dense", "pointwise"],
 )
-def test_int8_outputs_bit_identical(make: object) -> None:
+def test_int8_outputs_bit_identical(make: object, target: tvm.target.Target) -> None:
+    if not _host_has(target):
+        pytest.skip(f"this CPU cannot run {target.attrs['mcpu']} code")
     mod = make()
     inputs = _random_inputs(mod)
-    scheduled = _run(build_cpu(mod, X86), inputs)
+    scheduled = _run(build_cpu(mod, target), inputs)
     reference = _run(tvm.compile(mod, target=X86), inputs)
     assert scheduled[0].dtype == np.int8 and np.unique(reference[0]).size > 16  # requant not saturated
     for got, want in zip(scheduled, reference):
@@ -146,3 +175,34 @@ def test_float_rps96_matches_unscheduled() -> None:
     inputs = _random_inputs(mod)
     for got, want in zip(_run(build_cpu(mod, X86), inputs), _run(tvm.compile(mod, target=X86), inputs)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("target,instruction", [(X86, "vpmaddwd"), (VNNI, "vpdpbusd")], ids=["avx2", "vnni"])
+@pytest.mark.parametrize("make", [pointwise_module, dense_module], ids=["pointwise", "dense"])
+def test_int8_kernels_use_dot_product_instructions(make: object, target: tvm.target.Target, instruction: str,
+                                                   tmp_path: Path) -> None:
+    """1x1 conv and dense run on the ISA's integer dot product: VNNI vpdpbusd, else AVX2 vpmaddwd."""
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump missing (binutils)")
+    library = tmp_path / "lib.so"
+    build_cpu(make(), target).export_library(str(library))
+    listing = subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True, check=True).stdout
+    assert re.search(rf"\t{instruction}\s", listing), f"no {instruction} in the {target.attrs['mcpu']} library"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", [X86, VNNI], ids=["avx2", "vnni"])
+def test_efficientnet_with_dot_products_matches_reference_kernels(target: tvm.target.Target) -> None:
+    """EfficientNet-Lite0 uint8 built with the dot-product kernels equals TFLite's reference kernels exactly."""
+    from edgeq.int8 import import_integer
+    from edgeq.reference import ReferenceInterpreter
+
+    if not _host_has(target):
+        pytest.skip(f"this CPU cannot run {target.attrs['mcpu']} code")
+    path = shared_path("models", "tflite", "efficientnet_lite0_uint8.tflite")
+    mod, _report = import_integer(path)
+    x = np.random.default_rng(3).integers(0, 256, size=(1, 224, 224, 3)).astype(np.uint8)
+    got = _run(build_cpu(mod, target), [x])[0]
+    want = ReferenceInterpreter(path).run(x)[0]
+    assert np.count_nonzero(want) > 8  # a spread of class scores, not one saturated class
+    np.testing.assert_array_equal(got.reshape(want.shape), want)

@@ -7,6 +7,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.backend.cpu_generic import pipeline as generic
 
+from .dotprod import PackForDotProduct
 from .rules import schedule_func
 from .target import cpu_info
 
@@ -45,6 +46,7 @@ def cpu_pipeline(target: tvm.target.Target, extra_passes: Sequence[tvm.transform
         with target:
             seq = tvm.transform.Sequential(
                 generic.library_dispatch_passes(target)
+                + [PackForDotProduct(target)]
                 + generic.legalize_passes(target)
                 + [ScheduleCPU(target), *extra_passes]
                 + generic.dataflow_lower_passes(target)

@@ -7,12 +7,14 @@ Two strategies, tried in order on a fresh schedule each:
   reduction is register-tiled: the innermost output axis (channels, NHWC) is split into a few
   vector registers, the next axis (width) into a small unrolled tile, reductions sit between
   the outer (parallel) and the register loops, the accumulator lives in a small stack buffer.
+  Kernels that :mod:`.dotprod` packed for the ISA's integer dot product (VNNI, AVX2
+  ``vpmaddwd``, ARM ``sdot``) get their innermost channel vectors tensorized with it.
 * ``blockwise``: every block alone: elementwise blocks get their innermost axis vectorized
   and their outer loops fused and run in parallel; other reductions (softmax, ...) get their
   spatial loops in parallel.
 
-Every step keeps the order in which each output accumulates its terms, so integer outputs are
-bit-identical to the unscheduled build.
+Integer outputs are bit-identical to the unscheduled build: the steps only reorder int32
+additions, which are exact.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 from tvm.s_tir.schedule.analysis import is_output_block
 
+from .dotprod import DotProduct, dot_for, tensorize_dot
 from .target import CpuInfo
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,8 @@ _MIN_SCHEDULED_ELEMS = 512
 _CHEAP_CALLS = ("tirx.if_then_else", "prim.if_then_else")
 # Vector tiles are 4, 2 or 1 registers: odd multiples (24 floats) made LLVM emit slow shuffles.
 _VEC_CHOICES = (4, 2, 1)
+# Narrowest vector (in elements) used when a channel count is not a multiple of the full width.
+_MIN_VECTOR_LANES = 4
 
 
 def schedule_func(func: tirx.PrimFunc, info: CpuInfo) -> tirx.PrimFunc | None:
@@ -148,11 +153,24 @@ def _widest_dtype(sch: s_tir.Schedule, block: SBlockRV) -> str:
 
 
 def _vector_tile(extent: int, lanes: int) -> int:
-    """Largest ``lanes * k`` (k in 4, 2, 1) dividing ``extent``; 0 if none."""
+    """Largest ``lanes * k`` (k in 4, 2, 1) dividing ``extent``, else the widest narrower vector
+    (a power of two, at least ``_MIN_VECTOR_LANES``) dividing it; 0 if none."""
     for k in _VEC_CHOICES:
         if extent % (lanes * k) == 0:
             return lanes * k
-    return 0
+    narrow = _narrow_lanes(extent, lanes)
+    return narrow if extent % narrow == 0 else 0
+
+
+def _narrow_lanes(extent: int, lanes: int) -> int:
+    """``lanes`` halved until it divides ``extent`` or reaches ``_MIN_VECTOR_LANES``.
+
+    24 or 40 channels on a 16-lane (AVX-512 int32) target then run on 8-lane vectors instead of
+    falling back to scalar code.
+    """
+    while lanes > _MIN_VECTOR_LANES and extent % lanes:
+        lanes //= 2
+    return lanes
 
 
 # ---------------------------------------------------------------- inlining
@@ -241,7 +259,7 @@ def _blockwise(sch: s_tir.Schedule, info: CpuInfo) -> bool:
 
 def _register_tile(width: int, vec_extent: int, lanes: int, regs: int) -> tuple[int, int]:
     """Pick (width tile, vector tile) maximizing accumulators within ``regs`` registers."""
-    best = (1, lanes, 1)  # (accumulator registers, vectors, width tile)
+    best = (0, 1, 1)  # (accumulator registers, vectors, width tile)
     for vecs in _VEC_CHOICES:
         if vec_extent % (lanes * vecs):
             continue
@@ -287,8 +305,8 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
     if any(e is None for e in extents):
         return False
     acc_dtype = stmt.writes[0].source.dtype
-    lanes = info.lanes(acc_dtype)
     vec_extent = extents[n_spatial - 1]
+    lanes = _narrow_lanes(vec_extent, info.lanes(acc_dtype))
     if vec_extent % lanes:
         return False
 
@@ -312,7 +330,9 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
     else:
         outer = [v_outer]
         sch.reorder(v_outer, *reduce, v_inner)
-    sch.vectorize(v_inner)
+    dot = dot_for(sch, anchor, info.dots, vec_tile)
+    if dot is None:
+        sch.vectorize(v_inner)
 
     sch.reverse_compute_at(cache, outer[-1], preserve_unit_loops=True)
     _vectorize_innermost(sch, cache)
@@ -349,7 +369,21 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
     if reduce:
         init = sch.decompose_reduction(anchor, reduce[0])
         _vectorize_innermost(sch, init)
+    if dot is not None:
+        _tensorize_or_vectorize(sch, anchor, dot, v_inner)
     return True
+
+
+def _tensorize_or_vectorize(sch: s_tir.Schedule, update: SBlockRV, dot: DotProduct, vec_loop: LoopRV) -> None:
+    """Tensorize ``update`` with ``dot``; vectorize ``vec_loop`` instead if the intrinsic does not match."""
+    trial = sch.copy()  # random variables stay valid in a copy: a failed try leaves ``sch`` intact
+    try:
+        tensorize_dot(trial, update, dot)
+    except (RuntimeError, ValueError, s_tir.ScheduleError) as error:
+        log.debug("%s not applied: %s", dot.intrin, error)
+        sch.vectorize(vec_loop)
+        return
+    tensorize_dot(sch, update, dot)
 
 
 def _vectorize_innermost(sch: s_tir.Schedule, block: SBlockRV) -> None:
