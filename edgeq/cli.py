@@ -52,7 +52,12 @@ def cmd_package(args: argparse.Namespace) -> int:
         from .packager import read_postprocess
 
         postprocess = read_postprocess(args.postprocess)
-    compile_options = CompileOptions(integer_lowering=not args.no_integer, default_schedules=not args.no_schedules)
+    compile_options = CompileOptions(
+        integer_lowering=not args.no_integer,
+        default_schedules=not args.no_schedules,
+        tuning_db=args.tuning_db,
+        fuse_float_multiply_add=args.fma,
+    )
     if args.quantize == "fp16":
         compile_options = replace(compile_options, precision="fp16")
     options = PackageOptions(
@@ -202,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="post-processing fields as JSON (e.g. detection anchors/decode/nms options)")
     p.add_argument("--no-integer", action="store_true", help="keep TVM's stock dequantize/float/quantize lowering")
     p.add_argument("--no-schedules", action="store_true", help="skip edgeq's CPU schedules (stock TVM loops)")
+    p.add_argument("--tuning-db", type=Path, metavar="DIR",
+                   help="use the kernels `edgeq tune` found faster than edgeq's schedules for this device")
+    p.add_argument("--fma", action="store_true",
+                   help="let float multiply-adds fuse into FMA instructions: faster float kernels on ARM and "
+                        "AVX2, but float outputs then differ between CPUs in the last bits")
     p.add_argument("--runtime-wheels", type=Path, help="folder of apache-tvm/apache-tvm-ffi wheels (offline)")
     p.add_argument("--quantize", choices=["int8", "auto", "fp16"],
                    help="int8: calibrate a float model and package its int8 twin; auto: int8 with an accuracy "

@@ -35,6 +35,10 @@ class CompileOptions:
     default_schedules: bool = True  # apply edgeq's CPU schedules (threads, vectors, tiling)
     precision: str = "native"  # "native" (the model's own dtypes) or "fp16" (float ops downcast)
     cuda_graph: bool = True  # GPU bundles: replay the model's kernel launches as one CUDA graph
+    tuning_db: Path | None = None  # CPU: an `edgeq tune` database whose tuned kernels replace edgeq's
+    # CPU: let LLVM fuse float a*b+c into FMA instructions (faster float kernels on ARM and AVX2);
+    # float outputs then differ between CPUs in the last bits. Off: the same bits everywhere.
+    fuse_float_multiply_add: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -180,11 +184,16 @@ def build(mod: Any, device: Device, options: CompileOptions) -> Any:
     if device.kind == "cuda":
         from .cuda_build import build_cuda
 
+        if options.tuning_db is not None:
+            raise EdgeqError("--tuning-db holds CPU kernels (edgeq tune); GPU bundles use edgeq's GPU schedules")
         return build_cuda(mod, target, cuda_graph=options.cuda_graph)
+    if options.tuning_db is not None and not options.default_schedules:
+        raise EdgeqError("--tuning-db needs edgeq's schedules: drop --no-schedules")
     if options.default_schedules:
         from .schedules import build_cpu
 
-        return build_cpu(mod, target)
+        return build_cpu(mod, target, tuning_db=options.tuning_db,
+                         fuse_float_multiply_add=options.fuse_float_multiply_add)
     return _tvm().compile(mod, target=target)
 
 
@@ -229,6 +238,14 @@ def compile_model(
         mod = downcast_fp16(mod)
         summary = "float ops run in fp16 (TVM ToMixedPrecision); inputs and outputs keep their dtypes"
         report = {**report, "precision": "fp16", "summary": report.get("summary") or summary}
+    if options.tuning_db is not None and device.kind == "cpu":
+        from .tune import best_records
+
+        _, tuned = best_records(options.tuning_db, tvm_target(device))
+        progress(f"tuning database {options.tuning_db}: {len(tuned)} tuned kernel(s) for {device.name}")
+        report = {**report, "tuned_kernels": tuned}
+    if device.kind == "cpu" and not options.fuse_float_multiply_add:
+        report = {**report, "float_multiply_add": "kept apart (no FMA): float outputs identical across CPUs"}
     progress(f"compiling for {device.name} ({_describe_target(device)})")
     try:
         executable = build(mod, device, options)

@@ -1,10 +1,12 @@
 """``edgeq tune``: MetaSchedule tuning of a model's kernels, measured locally or on a device over RPC.
 
-The tasks are the PrimFuncs edgeq's CPU pipeline builds (the model after cpu_generic's library
-dispatch and legalize/fuse passes), so the database applies to exactly what ``edgeq package``
-compiles. For every task edgeq's own default schedule is measured once, the same way, and kept
-beside MetaSchedule's records: :func:`apply_tuning_database` applies a tuned schedule only where
-it beat that default, so a database never makes a model slower than edgeq's schedules.
+The tasks are the PrimFuncs edgeq's CPU pipeline builds (the model after
+:func:`edgeq.schedules.kernel_passes`: library dispatch, dot-product weight packing, legalize and
+fuse), so the database applies to exactly what ``edgeq package`` compiles. For every task edgeq's
+own default schedule is measured once, the same way, and kept beside MetaSchedule's records:
+:func:`apply_tuning_database` applies a tuned schedule only where it beat that default when both
+were timed alone. Kernels timed alone do not always predict the whole model (caches, threads):
+check a tuned bundle with ``edgeq bench``.
 
 Layout of a database folder (one folder can hold several models and devices):
 
@@ -180,9 +182,9 @@ def workload_key(mod: Any) -> str:
 def tuning_module(model_path: str | os.PathLike[str], device: Device) -> Any:
     """The model as edgeq's CPU pipeline hands it to its schedules: imported, legalized and fused."""
     import tvm
-    from tvm.relax.backend.cpu_generic import pipeline as generic
 
     from .compiler import CompileOptions, import_model, tvm_target
+    from .schedules import kernel_passes
 
     path = Path(model_path)
     if not path.is_file():
@@ -198,8 +200,7 @@ def tuning_module(model_path: str | os.PathLike[str], device: Device) -> Any:
     mod, _report = import_model(model, CompileOptions())
     target = tvm_target(device)
     with target:
-        passes = generic.library_dispatch_passes(target) + generic.legalize_passes(target)
-        return tvm.transform.Sequential(passes)(mod)
+        return tvm.transform.Sequential(kernel_passes(target))(mod)
 
 
 @dataclass
@@ -347,28 +348,6 @@ def apply_tuning_database(database_dir: str | os.PathLike[str], target: Any) -> 
             return relax.transform.MetaScheduleApplyDatabase()(mod)
 
     return _apply
-
-
-def tuned_cpu_pipeline(target: Any, database_dir: str | os.PathLike[str]) -> Any:
-    """edgeq's CPU pipeline with the database's tuned kernels applied before ``ScheduleCPU``: what
-    ``edgeq package --tuning-db`` builds. Use as ``tvm.compile(mod, target, relax_pipeline=...)``."""
-    import tvm
-    from tvm.relax.backend.cpu_generic import pipeline as generic
-
-    from .schedules import ScheduleCPU
-
-    apply = apply_tuning_database(database_dir, target)
-
-    @tvm.transform.module_pass(opt_level=0, name="edgeq.TunedCPUPipeline")
-    def _pipeline(mod: Any, _ctx: Any) -> Any:
-        with target:
-            seq = tvm.transform.Sequential(
-                generic.library_dispatch_passes(target) + generic.legalize_passes(target)
-                + [apply, ScheduleCPU(target)]
-                + generic.dataflow_lower_passes(target) + generic.finalize_passes(target))
-            return seq(mod)
-
-    return _pipeline
 
 
 # -- measuring: builder and runners (these functions run in MetaSchedule's worker processes) -----
@@ -790,6 +769,5 @@ __all__ = [
     "list_tasks",
     "target_key",
     "tune",
-    "tuned_cpu_pipeline",
     "tuning_module",
 ]

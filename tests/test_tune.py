@@ -20,7 +20,7 @@ from edgeq.errors import EdgeqError, RemoteError, UnknownDeviceError
 
 MODEL = "mltk_rps96_int8.tflite"
 DEVICE = "x86_64-avx2"
-TASK = "conv2d2"  # the model's smallest convolution: one task keeps the budget tiny
+TASK = "dot_conv2d1"  # the smallest int8 convolution (packed for the dot product): one task keeps the budget tiny
 BOUND = 120  # seconds a CLI run may take before it counts as a hang
 
 tune_mod = pytest.importorskip("edgeq.tune")
@@ -79,26 +79,16 @@ def test_rerun_resumes_without_repeating_trials(tuned, tmp_path):
     assert more.trials_now == 1 and more.trials_total == 3 and record_count(db) == 3
 
 
-def _build(mod, target, extra_passes):
-    """edgeq's CPU pipeline with ``extra_passes`` before ScheduleCPU (where packaging inserts them)."""
+def _build(mod, target, tuning_db=None):
+    """The module as edgeq's CPU pipeline schedules it, and the executable that pipeline builds."""
     import tvm
-    from tvm.relax.backend.cpu_generic import pipeline as generic
 
-    from edgeq.schedules import ScheduleCPU
+    from edgeq.schedules import ScheduleCPU, build_cpu, kernel_passes
 
-    def scheduled(module):
-        with target:
-            seq = tvm.transform.Sequential(generic.library_dispatch_passes(target) + generic.legalize_passes(target)
-                                           + list(extra_passes) + [ScheduleCPU(target)])
-            return seq(module)
-
-    @tvm.transform.module_pass(opt_level=0, name="test.Pipeline")
-    def pipeline(module, _ctx):
-        with target:
-            rest = tvm.transform.Sequential(generic.dataflow_lower_passes(target) + generic.finalize_passes(target))
-            return rest(scheduled(module))
-
-    return scheduled(mod), tvm.compile(mod, target=target, relax_pipeline=pipeline)
+    tuned = [tune_mod.apply_tuning_database(tuning_db, target)] if tuning_db else []
+    with target:
+        scheduled = tvm.transform.Sequential(kernel_passes(target) + tuned + [ScheduleCPU(target)])(mod)
+    return scheduled, build_cpu(mod, target, tuning_db=tuning_db)
 
 
 def _prim_funcs(mod):
@@ -143,8 +133,8 @@ def test_applied_database_swaps_the_tuned_kernel_and_stays_bit_exact(tuned, tmp_
     chosen, names = tune_mod.best_records(db, target)
     assert len(names) == 1 and TASK in names[0]
 
-    default_mod, default_exe = _build(mod, target, [])
-    tuned_mod, tuned_exe = _build(mod, target, [tune_mod.apply_tuning_database(db, target)])
+    default_mod, default_exe = _build(mod, target)
+    tuned_mod, tuned_exe = _build(mod, target, tuning_db=db)
     tuned_funcs, default_funcs = _prim_funcs(tuned_mod), _prim_funcs(default_mod)
     assert tuned_funcs.keys() == default_funcs.keys()
     (name,) = [n for n in tuned_funcs if TASK in n]
@@ -162,6 +152,20 @@ def test_applied_database_swaps_the_tuned_kernel_and_stays_bit_exact(tuned, tmp_
 
     # Records are per target: another CPU (no mcpu) gets none of them.
     assert tune_mod.best_records(db, tvm_target(get_device("x86_64")))[1] == []
+
+    # `edgeq package --tuning-db`: the bundle names the tuned kernel and computes the same outputs.
+    import edgeq
+
+    bundles = {}
+    for tag, database in (("default", None), ("tuned", db)):
+        options = edgeq.PackageOptions(device=DEVICE, compile=edgeq.CompileOptions(tuning_db=database))
+        bundles[tag] = edgeq.package(model_path(), tmp_path / f"{tag}.edgeq", options)
+    assert [TASK in n for n in bundles["tuned"].manifest.compile_report["tuned_kernels"]] == [True]
+    assert "tuned_kernels" not in bundles["default"].manifest.compile_report
+    if "avx2" in open("/proc/cpuinfo").read():
+        predictors = {tag: edgeq.load(b.path) for tag, b in bundles.items()}
+        data = rng.integers(-128, 128, size=spec.shape, dtype=np.int64).astype(spec.dtype)
+        np.testing.assert_array_equal(predictors["tuned"].run(data)[0], predictors["default"].run(data)[0])
 
 
 # -- through `edgeq serve` on loopback ----------------------------------------------------------

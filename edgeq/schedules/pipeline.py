@@ -1,6 +1,7 @@
 """edgeq's Relax CPU pipeline: the stock cpu_generic passes plus default schedules."""
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import tvm
@@ -8,6 +9,7 @@ from tvm import relax, tirx
 from tvm.relax.backend.cpu_generic import pipeline as generic
 
 from .dotprod import PackForDotProduct
+from .float_exact import SeparateFloatMultiplyAdd
 from .rules import schedule_func
 from .target import cpu_info
 
@@ -35,20 +37,40 @@ class ScheduleCPU:
         return mod
 
 
-def cpu_pipeline(target: tvm.target.Target, extra_passes: Sequence[tvm.transform.Pass] = ()) -> tvm.transform.Pass:
+def kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+    """Library dispatch, dot-product weight packing, legalization and fusion: the passes that make
+    the PrimFuncs edgeq schedules (and that ``edgeq tune`` tunes)."""
+    return generic.library_dispatch_passes(target) + [PackForDotProduct(target)] + generic.legalize_passes(target)
+
+
+def cpu_pipeline(
+    target: tvm.target.Target,
+    extra_passes: Sequence[tvm.transform.Pass] = (),
+    *,
+    tuning_db: str | os.PathLike[str] | None = None,
+    fuse_float_multiply_add: bool = False,
+) -> tvm.transform.Pass:
     """The Relax pipeline of :func:`build_cpu`: legalize, fuse, schedule, lower to the VM.
 
-    ``extra_passes`` run right after the schedules (e.g. a tensorization pass for one ISA).
+    ``tuning_db`` (an ``edgeq tune`` database) puts its tuned kernels in place before edgeq's
+    schedules take the rest. ``extra_passes`` run right after the schedules. Float multiplies and
+    adds are kept apart (see :mod:`.float_exact`) unless ``fuse_float_multiply_add``.
     """
+    tuned = []
+    if tuning_db is not None:
+        from ..tune import apply_tuning_database
+
+        tuned = [apply_tuning_database(tuning_db, target)]
+    exact = [] if fuse_float_multiply_add else [SeparateFloatMultiplyAdd()]
 
     @tvm.transform.module_pass(opt_level=0, name="edgeq.CPUPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                generic.library_dispatch_passes(target)
-                + [PackForDotProduct(target)]
-                + generic.legalize_passes(target)
+                kernel_passes(target)
+                + tuned
                 + [ScheduleCPU(target), *extra_passes]
+                + exact
                 + generic.dataflow_lower_passes(target)
                 + generic.finalize_passes(target)
             )
@@ -57,6 +79,7 @@ def cpu_pipeline(target: tvm.target.Target, extra_passes: Sequence[tvm.transform
     return _pipeline
 
 
-def build_cpu(mod: tvm.IRModule, target: tvm.target.Target) -> relax.Executable:
-    """Compile a Relax module for a CPU ``target`` with edgeq's default schedules."""
-    return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target))
+def build_cpu(mod: tvm.IRModule, target: tvm.target.Target, **options) -> relax.Executable:
+    """Compile a Relax module for a CPU ``target`` with edgeq's default schedules
+    (``options``: those of :func:`cpu_pipeline`)."""
+    return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, **options))
