@@ -23,10 +23,16 @@ def downcast_fp16(mod: Any) -> Any:
     original = mod["main"]
     seq = tvm.transform.Sequential([
         relax.transform.ConvertToDataflow(),  # the pass only rewrites dataflow blocks
+        _clip_bounds_as_tensors(),
         relax.transform.ToMixedPrecision(out_dtype="float16"),
         relax.transform.FoldConstant(),  # float32 weights -> float16 constants, once, at compile time
     ])
-    out = seq(mod)
+    try:
+        out = seq(mod)
+    except Exception as error:  # noqa: BLE001 - TVM's pass reports unsupported graphs as assorted errors
+        lines = str(error).strip().splitlines()
+        raise EdgeqError(f"the fp16 downcast (TVM ToMixedPrecision) cannot convert this model: "
+                         f"{lines[-1] if lines else type(error).__name__}; package it without --quantize fp16") from None
     main = out["main"]
     if [_dtypes(p.ty) for p in main.params] != [_dtypes(p.ty) for p in original.params]:
         raise EdgeqError("fp16 downcast changed the model's input dtypes")  # not with fp16_input_names=None
@@ -67,3 +73,39 @@ def _cast_outputs(func: Any, want: Any) -> Any:
     result = cast(body.body, func.ret_ty, want)
     new_body = relax.SeqExpr([*body.blocks, relax.BindingBlock(bindings)], result)
     return relax.Function(func.params, new_body, want, func.is_pure, func.attrs)
+
+
+def _clip_bounds_as_tensors() -> Any:
+    """A pass writing ``clip(x, lo, hi)`` (scalar bounds, as TVM's ONNX importer emits for ReLU6 /
+    hard-swish) as ``minimum(maximum(x, lo), hi)`` with tensor bounds: ToMixedPrecision accepts
+    only tensor arguments."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    clip = tvm.ir.Op.get("relax.clip")
+
+    @mutator
+    class Rewriter(PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not (isinstance(call, relax.Call) and call.op.same_as(clip)):
+                return call
+            x, lo, hi = call.args
+            dtype = x.ty.dtype
+
+            def bound(value: Any) -> Any:  # a PrimValue holding an IntImm / FloatImm
+                number = value.value
+                return relax.const(float(getattr(number, "value", number)), dtype)
+
+            return relax.op.minimum(relax.op.maximum(x, bound(lo)), bound(hi))
+
+    @tvm.transform.module_pass(opt_level=0, name="edgeq.ClipBoundsAsTensors")
+    def rewrite(mod: Any, _ctx: Any) -> Any:
+        rewriter = Rewriter(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+        return rewriter.builder_.get()
+
+    return rewrite

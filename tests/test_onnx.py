@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 import edgeq  # noqa: E402
 from conftest import shared_path  # noqa: E402
 from edgeq.cli import main as cli_main  # noqa: E402
+from edgeq.compiler import CompileOptions  # noqa: E402
 from edgeq.errors import EdgeqError, UnsupportedModelError  # noqa: E402
 from edgeq.onnx_model import read_onnx  # noqa: E402
 from edgeq.packager import PackageOptions, package  # noqa: E402
@@ -278,3 +279,20 @@ def test_onnx_reference_runs_onnxruntime(pplcnet, eval_samples):
     assert isinstance(reference, OnnxReference)
     (scores,) = reference.run(eval_samples[5].inputs["x"])
     assert scores.shape == (1, 4) and int(scores.argmax()) == eval_samples[5].label
+
+
+@pytest.mark.slow  # packages PP-LCNet twice (float32 and fp16)
+def test_fp16_bundle_agrees_with_float_on_top1(pplcnet, float_bundle, eval_samples, tmp_path):
+    """--quantize fp16 on an ONNX model: float ops in float16, the same top-1 as the float32 bundle."""
+    options = PackageOptions(device="x86_64", compile=CompileOptions(precision="fp16"))
+    fp16 = package(pplcnet, tmp_path / "pplcnet-fp16.edgeq", options)
+    assert fp16.manifest.compile_report["precision"] == "fp16"
+    half, full = edgeq.load(fp16.path), edgeq.load(float_bundle.path)
+    samples = eval_samples[::4]
+    worst = 0.0
+    for sample in samples:
+        inputs = list(sample.inputs.values())
+        (a,), (b,) = half.run(inputs), full.run(inputs)
+        assert int(np.argmax(a)) == int(np.argmax(b))
+        worst = max(worst, float(np.abs(a.astype(np.float64) - b).max()))
+    assert worst < 0.05  # softmax probabilities through float16 activations
