@@ -7,10 +7,12 @@ interpreter (XNNPACK, same thread count). Rows:
                      :func:`edgeq.schedules.build_cpu`;
 * ``edgeq int8``  -- integer import (:func:`edgeq.int8.import_integer`) built with ``build_cpu``,
                      only for quantized models and when ``edgeq.int8`` is available;
+* ``edgeq int8 tuned`` -- the same with an ``edgeq tune`` database (``--tuning-db DIR``);
 * ``stock TVM``   -- the same stock import through ``tvm.compile`` (cpu_generic, no schedules);
 * ``TFLite``      -- ``ai_edge_litert`` interpreter.
 
     python benchmarks/cpu_latency.py [--threads 2] [--repeat 30] [--mcpu haswell | --device x86_64-vnni] [--no-stock]
+                                      [--tuning-db DIR]
 """
 from __future__ import annotations
 
@@ -67,7 +69,9 @@ def _relax_inputs(mod: object) -> list[tuple[list[int], str]]:
     return [([int(s) for s in p.ty.shape], str(p.ty.dtype)) for p in mod["main"].params]
 
 
-def bench_model(path: Path, target: object, threads: int, repeat: int, stock: bool) -> list[tuple[str, float | None, str]]:
+def bench_model(
+    path: Path, target: object, threads: int, repeat: int, stock: bool, tuning_db: Path | None = None
+) -> list[tuple[str, float | None, str]]:
     """Return rows (name, median ms or None, note) for one model."""
     import tflite
     import tvm
@@ -105,6 +109,11 @@ def bench_model(path: Path, target: object, threads: int, repeat: int, stock: bo
             executable = build_cpu(imod, target)
             rows.append(("edgeq int8 (import_integer)",
                          _median_ms(_tvm_runner(executable, _inputs(_relax_inputs(imod))), repeat), ""))
+            if tuning_db is not None:
+                log("int8 build with the tuning database")
+                executable = build_cpu(imod, target, tuning_db=tuning_db)
+                rows.append(("edgeq int8 tuned (--tuning-db)",
+                             _median_ms(_tvm_runner(executable, _inputs(_relax_inputs(imod))), repeat), ""))
         except Exception as err:  # noqa: BLE001  (a benchmark row, not a product path)
             rows.append(("edgeq int8 (import_integer)", None, f"{type(err).__name__}: {str(err)[:60]}"))
     if stock:
@@ -139,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mcpu", default=None, help="LLVM CPU name (default haswell / cortex-a72)")
     parser.add_argument("--device", default=None, help="take the TVM target of an edgeq device (e.g. x86_64-vnni)")
     parser.add_argument("--no-stock", action="store_true", help="skip the (slow) stock TVM build")
+    parser.add_argument("--tuning-db", type=Path, help="an `edgeq tune` database: adds an 'edgeq int8 tuned' row")
     args = parser.parse_args(argv)
     # The TVM thread pool reads TVM_NUM_THREADS once, when it starts.
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
@@ -152,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{path.name}: missing, skipped")
             continue
         print(f"\n{path.name}", flush=True)
-        rows = bench_model(path, target, args.threads, args.repeat, not args.no_stock)
+        rows = bench_model(path, target, args.threads, args.repeat, not args.no_stock, args.tuning_db)
         ref = rows[-1][1]
         print(f"| {'runtime':<30} | {'median ms':>9} | {'x reference':>11} | note")
         print(f"|{'-' * 32}|{'-' * 11}|{'-' * 13}|-----")
