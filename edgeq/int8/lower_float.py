@@ -19,6 +19,7 @@ from tvm import relax
 from ..errors import UnsupportedModelError
 from .context import Lowered, LoweringContext, activation_of
 from .graph import Operator
+from .lower_linear import same_padding
 from .relax_int import array_const, const
 
 R = relax.op
@@ -59,19 +60,11 @@ def _float_constant(ctx: LoweringContext, op: Operator, index: int, what: str) -
     return tensor.data
 
 
-def _same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
-    """TFLite's SAME padding (before, after) along one axis."""
-    effective = (kernel - 1) * dilation + 1
-    out = (size + stride - 1) // stride
-    total = max((out - 1) * stride + effective - size, 0)
-    return total // 2, total - total // 2
-
-
 def _paddings(op: Operator, shape, kernel, stride, dilation=(1, 1)) -> list[int]:
     """Relax's [top, left, bottom, right] for the op's padding mode."""
     if op.options.Padding() != 0:  # VALID
         return [0, 0, 0, 0]
-    (top, bottom), (left, right) = (_same_padding(shape[axis], kernel[n], stride[n], dilation[n]) for n, axis in enumerate((1, 2)))
+    (top, bottom), (left, right) = (same_padding(shape[axis], kernel[n], stride[n], dilation[n]) for n, axis in enumerate((1, 2)))
     return [top, left, bottom, right]
 
 

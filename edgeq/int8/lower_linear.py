@@ -18,7 +18,8 @@ from .relax_int import array_const, requantize_float_to, requantize_to
 R = relax.op
 
 
-def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TFLite's SAME padding (before, after) along one axis."""
     effective = (kernel - 1) * dilation + 1
     out = (size + stride - 1) // stride
     total = max((out - 1) * stride + effective - size, 0)
@@ -91,7 +92,7 @@ def _conv(ctx: LoweringContext, op: Operator, depthwise: bool) -> Lowered:
         weight_sums = weights.astype(np.int64).sum(axis=(1, 2, 3))
     kh, kw = kernel.shape[0], kernel.shape[1]
     if o.Padding() == 0:  # SAME
-        pads = (_same_padding(inp.shape[1], kh, stride[0], dilation[0]), _same_padding(inp.shape[2], kw, stride[1], dilation[1]))
+        pads = (same_padding(inp.shape[1], kh, stride[0], dilation[0]), same_padding(inp.shape[2], kw, stride[1], dilation[1]))
     else:
         pads = ((0, 0), (0, 0))
     x = _pad_input(ctx, ctx.value(x_index), inp, pads)

@@ -105,14 +105,14 @@ def as_feeds(sample: Sample, inputs: Sequence[TensorSpec]) -> Iterator[list[np.n
         yield [np.ascontiguousarray(a[start : start + step]) for a in shaped]
 
 
-def picture_files(folder: str | os.PathLike[str]) -> list[Path]:
-    """The picture files in ``folder`` (recursively), sorted by path."""
+def picture_files(folder: str | os.PathLike[str], role: str = "calibration") -> list[Path]:
+    """The picture files in ``folder`` (recursively), sorted by path; ``role`` names the folder in errors."""
     root = Path(folder)
     if not root.is_dir():
-        raise InputError(f"calibration folder {root} does not exist")
+        raise InputError(f"{role} folder {root} does not exist or is not a folder")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in PICTURE_SUFFIXES)
     if not files:
-        raise InputError(f"calibration folder {root} holds no pictures ({', '.join(PICTURE_SUFFIXES)})")
+        raise InputError(f"{role} folder {root} holds no pictures ({', '.join(PICTURE_SUFFIXES)})")
     return files
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..manifest import Preprocess, TensorSpec
-from .config import PICTURE_SUFFIXES
+from .config import picture_files
 
 
 @dataclass(frozen=True)
@@ -61,11 +61,7 @@ def labelled_pictures(
     from ..preprocess import picture_to_tensor
 
     root = Path(folder)
-    if not root.is_dir():
-        raise InputError(f"evaluation folder {root} does not exist or is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in PICTURE_SUFFIXES)
-    if not files:
-        raise InputError(f"evaluation folder {root} holds no pictures ({', '.join(PICTURE_SUFFIXES)})")
+    files = picture_files(root, role="evaluation")
     files = files[:limit] if limit else files
     samples = []
     for path in files:
