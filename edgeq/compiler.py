@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Union
 
 from .devices import Device
 from .errors import EdgeqError, MissingDependencyError, UnsupportedModelError
@@ -85,20 +86,28 @@ def check_supported_ops(model: TFLiteModel) -> None:
         ) from None
 
 
+@contextmanager
+def _importer_errors(model: SourceModel, importer: str) -> Iterator[None]:
+    """Turn a TVM importer's errors into UnsupportedModelError naming the model."""
+    tvm = _tvm()
+    try:
+        yield
+    except tvm.error.OpNotImplemented as error:
+        raise UnsupportedModelError(f"{model.path.name} cannot be compiled:\n{str(error).strip()}") from None
+    except Exception as error:  # the importers raise assorted errors on graphs they cannot convert
+        raise UnsupportedModelError(
+            f"TVM's {importer} importer could not convert {model.path.name}: {_first_line(error)}"
+        ) from None
+
+
 def import_stock(model: TFLiteModel) -> Any:
     """The model through TVM's own TFLite importer (quantized ops become dequantize/float/quantize)."""
-    tvm = _tvm()
+    _tvm()  # a clear error when the host extras are missing
     import tflite
     import tvm.relax.frontend.tflite as frontend
 
-    try:
+    with _importer_errors(model, "TFLite"):
         return frontend.from_tflite(tflite.Model.GetRootAsModel(model.data, 0))
-    except tvm.error.OpNotImplemented as error:
-        raise UnsupportedModelError(f"{model.path.name} cannot be compiled:\n{str(error).strip()}") from None
-    except Exception as error:  # the frontend raises assorted errors on models it cannot read
-        raise UnsupportedModelError(
-            f"TVM's TFLite importer could not read {model.path.name}: {_first_line(error)}"
-        ) from None
 
 
 def unsupported_onnx_ops(model: OnnxModel) -> list[str]:
@@ -115,7 +124,7 @@ def import_onnx(model: OnnxModel) -> Any:
 
     QDQ models keep QuantizeLinear/DequantizeLinear, which TVM lowers to float arithmetic.
     """
-    tvm = _tvm()
+    _tvm()
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -128,17 +137,11 @@ def import_onnx(model: OnnxModel) -> Any:
         )
     shapes = {spec.name: list(spec.shape) for spec in model.inputs}
     dtypes = {spec.name: spec.dtype for spec in model.inputs}
-    try:
+    with _importer_errors(model, "ONNX"):
         mod = from_onnx(model.proto(), shape_dict=shapes, dtype_dict=dtypes, opset=model.opset or None,
                         keep_params_in_input=False, sanitize_input_names=False)
         mod = relax.transform.DecomposeOpsForInference()(mod)  # batch_norm -> scale and shift
         return relax.transform.FoldConstant()(mod)
-    except tvm.error.OpNotImplemented as error:
-        raise UnsupportedModelError(f"{model.path.name} cannot be compiled:\n{str(error).strip()}") from None
-    except Exception as error:  # the importer raises assorted errors on graphs it cannot convert
-        raise UnsupportedModelError(
-            f"TVM's ONNX importer could not convert {model.path.name}: {_first_line(error)}"
-        ) from None
 
 
 def import_model(model: SourceModel, options: CompileOptions) -> tuple[Any, dict[str, Any]]:
