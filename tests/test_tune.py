@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, shared_path
+from processes import Process
 from edgeq.devices import host_arch
 from edgeq.errors import EdgeqError, RemoteError, UnknownDeviceError
 
@@ -169,30 +169,7 @@ def test_applied_database_swaps_the_tuned_kernel_and_stays_bit_exact(tuned, tmp_
 
 
 # -- through `edgeq serve` on loopback ----------------------------------------------------------
-class Background:
-    """A command in its own process group, its output in a log file; ready once ``ready`` shows."""
-
-    def __init__(self, args: list[str], log: Path, ready: str, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        self.proc = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 30
-        while ready not in log.read_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"{' '.join(args)} did not start:\n{log.read_text()}")
-            time.sleep(0.1)
-
-    def text(self) -> str:
-        return self.log.read_text()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-
-def start_server(tmp_path: Path, *extra: str) -> Background:
+def start_server(tmp_path: Path, *extra: str) -> Process:
     """`edgeq serve` on 127.0.0.1 with a token, serving the host's own TVM runtime libraries."""
     import tvm
     import tvm_ffi
@@ -203,9 +180,9 @@ def start_server(tmp_path: Path, *extra: str) -> Background:
     shutil.copy(Path(tvm_ffi.__file__).parent / "lib" / "libtvm_ffi.so", runtime)
     env = dict(os.environ, EDGEQ_CACHE_DIR=str(tmp_path / "cache"))
     env.pop("EDGEQ_RPC_TOKEN", None)
-    return Background([sys.executable, "-m", "edgeq.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-                       "--runtime", str(runtime), "--token", "s3cret", *extra],
-                      tmp_path / "server.log", "listening on", env)
+    return Process([sys.executable, "-m", "edgeq.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+                    "--runtime", str(runtime), "--token", "s3cret", *extra],
+                   env, tmp_path / "server.log", "listening on")
 
 
 @pytest.fixture
@@ -236,7 +213,7 @@ def test_tuning_measures_on_a_device_from_a_tracker(tmp_path):
             "s = S('127.0.0.1', 9190, 9390, silent=True)\n"
             "print('tracker port', s.port, flush=True)\n"
             "s.thread.join()\n")
-    tracker = Background([sys.executable, "-c", code], tmp_path / "tracker.log", "tracker port")
+    tracker = Process([sys.executable, "-c", code], dict(os.environ), tmp_path / "tracker.log", "tracker port")
     srv = None
     try:
         address = f"127.0.0.1:{tracker.text().split('tracker port')[1].split()[0]}"
