@@ -24,7 +24,7 @@ from .fixedpoint import (
     requantize_table,
     tanh_f32,
 )
-from .relax_int import clamp_cast, const, lookup, multiply_by_quantized_multiplier, round_half_away_float
+from .relax_int import clamp_cast, const, lookup, multiply_by_quantized_multiplier, requantize_to, round_half_away_float
 
 R = relax.op
 ADD_LEFT_SHIFT = 20  # TFLite's headroom shift for 8-bit ADD/SUB
@@ -48,12 +48,11 @@ def _add_sub(ctx: LoweringContext, op: Operator, subtract: bool) -> Lowered:
     for tensor, real in ((a, real_a), (b, real_b)):
         multiplier, shift = quantize_multiplier(real)
         shifted = ctx.bb.emit(R.multiply(_offset_input(ctx, tensor.index), const(1 << ADD_LEFT_SHIFT, "int32")))
-        scaled.append(R.astype(multiply_by_quantized_multiplier(ctx.bb, shifted, multiplier, shift), "int32"))
+        scaled.append(multiply_by_quantized_multiplier(ctx.bb, shifted, multiplier, shift))
     raw = ctx.bb.emit(R.subtract(*scaled) if subtract else R.add(*scaled))
     multiplier, shift = quantize_multiplier(real_out)
-    result = multiply_by_quantized_multiplier(ctx.bb, raw, multiplier, shift)
     lo, hi = activation_range(activation_of(op), out.dtype, out.quant.s, out.quant.zp)
-    ctx.set(out.index, clamp_cast(ctx.bb, R.add(result, const(out.quant.zp, "int64")), lo, hi, out.dtype))
+    ctx.set(out.index, requantize_to(ctx.bb, raw, multiplier, shift, out.quant.zp, lo, hi, out.dtype))
     return Lowered()
 
 
@@ -71,9 +70,8 @@ def lower_mul(ctx: LoweringContext, op: Operator) -> Lowered:
     real = float(np.float32(np.float32(a.quant.s * b.quant.s) / out.quant.s))  # float32 math, as mul.cc
     multiplier, shift = quantize_multiplier(real)
     product = ctx.bb.emit(R.multiply(_offset_input(ctx, a.index), _offset_input(ctx, b.index)))
-    result = multiply_by_quantized_multiplier(ctx.bb, product, multiplier, shift)
     lo, hi = activation_range(activation_of(op), out.dtype, out.quant.s, out.quant.zp)
-    ctx.set(out.index, clamp_cast(ctx.bb, R.add(result, const(out.quant.zp, "int64")), lo, hi, out.dtype))
+    ctx.set(out.index, requantize_to(ctx.bb, product, multiplier, shift, out.quant.zp, lo, hi, out.dtype))
     return Lowered()
 
 

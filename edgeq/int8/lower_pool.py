@@ -8,7 +8,7 @@ from ..errors import UnsupportedModelError
 from .context import Lowered, LoweringContext, activation_of, require_quantized
 from .fixedpoint import DTYPE_RANGE, activation_range, quantize_multiplier
 from .graph import Operator
-from .relax_int import clamp_cast, const, multiply_by_quantized_multiplier, rounded_division
+from .relax_int import clamp_cast, const, requantize_to, rounded_division
 
 R = relax.op
 
@@ -104,7 +104,6 @@ def lower_mean(ctx: LoweringContext, op: Operator) -> Lowered:
     total = ctx.bb.emit(R.sum(R.astype(ctx.value(inp.index), "int32"), axis=axes, keepdims=True))
     if inp.quant.zp:
         total = ctx.bb.emit(R.subtract(total, const(inp.quant.zp * count, "int32")))
-    result = multiply_by_quantized_multiplier(ctx.bb, total, multiplier, shift)
     lo, hi = DTYPE_RANGE[out.dtype]
-    ctx.set(out.index, clamp_cast(ctx.bb, R.add(result, const(out.quant.zp, "int64")), lo, hi, out.dtype))
+    ctx.set(out.index, requantize_to(ctx.bb, total, multiplier, shift, out.quant.zp, lo, hi, out.dtype))
     return Lowered()

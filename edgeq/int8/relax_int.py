@@ -47,23 +47,32 @@ def clamp_cast(bb: relax.BlockBuilder, x: relax.Expr, lo: int, hi: int, dtype: s
     return bb.emit(R.astype(x, dtype))
 
 
-def multiply_by_quantized_multiplier(
-    bb: relax.BlockBuilder, x: relax.Expr, multiplier: np.ndarray, shift: np.ndarray
+def _fixed_point_requantize(
+    bb: relax.BlockBuilder, x: relax.Expr, multiplier, shift, single_rounding: bool,
+    output: tuple[int, int, int, str] | None,
 ) -> relax.Expr:
-    """TFLite MultiplyByQuantizedMultiplier on an int32 tensor (double rounding); returns int64.
+    """One elementwise TIR block: TFLite's MultiplyByQuantizedMultiplier on an int32 tensor, then
+    (with ``output`` = (zero point, lo, hi, dtype)) the zero point, the clamp and the narrowing cast.
 
-    ``multiplier``/``shift`` are scalars or per-channel vectors (last axis), as QuantizeMultiplier
-    gives them. Emitted as ONE elementwise TIR block that reads its input twice: written as a
-    chain of separate ops (comparisons, selects), each value was read several times, and
-    inlining the chain - which schedulers do to fuse a conv's epilogue - grew the expression
-    exponentially with its length.
+    Everything runs in int32 except the 32x32->64-bit product (LLVM emits ``pmuldq`` for it), so
+    a conv's epilogue costs a few vector instructions per output.
     """
+    assert output is not None or not single_rounding, "single rounding returns the clamped output only"
     multiplier = np.atleast_1d(np.asarray(multiplier, np.int64))
     shift = np.atleast_1d(np.asarray(shift, np.int64))
-    params = {"multiplier": multiplier, "left": np.maximum(shift, 0), "right": np.maximum(-shift, 0)}
-    shifts_left, shifts_right = bool(np.any(params["left"] > 0)), bool(np.any(params["right"] > 0))
-    channel_params = {k: v for k, v in params.items() if v.size > 1 and not np.all(v == v[0])}
-    names = sorted(channel_params)
+    if single_rounding:
+        total = 31 - shift  # (x * m + 2^(total-1)) >> total, one rounding, halves up
+        params = {"multiplier": multiplier, "total": total, "half": np.left_shift(np.int64(1), total - 1)}
+        wide = ("total", "half")
+    else:
+        right = np.maximum(-shift, 0)
+        mask = np.left_shift(np.int64(1), right) - 1
+        params = {"multiplier": multiplier, "left": np.maximum(shift, 0), "right": right, "mask": mask,
+                  "threshold": mask >> 1}
+        wide = ()
+    channel = {k: v for k, v in params.items() if v.size > 1 and not np.all(v == v[0])}
+    names = sorted(channel)
+    dtypes = {k: ("int64" if k in wide else "int32") for k in params}
 
     def compute(tensor: te.Tensor, *channel_tensors: te.Tensor) -> te.Tensor:
         by_name = dict(zip(names, channel_tensors))
@@ -72,59 +81,56 @@ def multiply_by_quantized_multiplier(
             def param(name: str) -> tirx.PrimExpr:
                 if name in by_name:
                     return by_name[name][index[-1]]
-                return tirx.const(int(params[name][0]), "int64")
+                return tirx.const(int(params[name][0]), dtypes[name])
 
-            def c(value: int) -> tirx.PrimExpr:
+            def i32(value: int) -> tirx.PrimExpr:
+                return tirx.const(value, "int32")
+
+            def i64(value: int) -> tirx.PrimExpr:
                 return tirx.const(value, "int64")
 
-            zero = c(0)
-            v = tensor(*index).astype("int64")
-            if shifts_left:  # x * (1 << left) wraps in int32 in TFLite
-                v = (v * (c(1) << param("left"))).astype("int32").astype("int64")
-            # SaturatingRoundingDoublingHighMul: TFLite's nudge (2^30, or 1 - 2^30 for negative
-            # products) followed by C's truncating division by 2^31 is exactly an arithmetic
-            # shift of (ab + 2^30) (the multiplier is positive, so no saturation case).
-            high = (v * param("multiplier") + c(1 << 30)) >> c(31)
-            if not shifts_right:
-                return high
-            # RoundingDivideByPOT (halves away from zero) = (x + 2^(e-1) - [x < 0]) >> e, e > 0.
-            right = param("right")
-            half = (c(1) << right) >> c(1)
-            negative = high >> c(63)  # -1 for negative values, else 0
-            if "right" in by_name:  # channels without a right shift keep their value
-                negative = tirx.Select(right > zero, negative, zero)
-            return (high + half + negative) >> right
+            value = tensor(*index)
+            if not single_rounding:  # x * (1 << left) wraps in int32 in TFLite
+                value = value * (i32(1) << param("left"))
+            product = value.astype("int64") * param("multiplier").astype("int64")
+            if single_rounding:
+                scaled = (product + param("half")) >> param("total")
+            else:
+                # SaturatingRoundingDoublingHighMul: TFLite's nudge (2^30, or 1 - 2^30 for negative
+                # products) followed by C's truncating division by 2^31 is exactly an arithmetic
+                # shift of (ab + 2^30) (the multiplier is positive: no saturation case).
+                high = ((product + i64(1 << 30)) >> i64(31)).astype("int32")
+                # RoundingDivideByPOT (halves away from zero), gemmlowp's int32 formulation. The
+                # repeated subexpression is one value for LLVM (the input is read once).
+                up = (high & param("mask")) > param("threshold") + (high < i32(0)).astype("int32")
+                scaled = (high >> param("right")) + up.astype("int32")
+            if output is None:
+                return scaled
+            zero_point, lo, hi, dtype = output
+            if single_rounding:  # clamp while still 64-bit: a left-shifting scale may leave int32
+                bounded = tirx.max(tirx.min(scaled, i64(hi - zero_point)), i64(lo - zero_point))
+                return (bounded.astype("int32") + i32(zero_point)).astype(dtype)
+            # int32 like TFLite: + zero point, clamp, narrow
+            return tirx.max(tirx.min(scaled + i32(zero_point), i32(hi)), i32(lo)).astype(dtype)
 
         return te.compute(tensor.shape, body, name="requantize")
 
     x = x if isinstance(x, relax.Var) else bb.emit(x)
-    return bb.emit_te(compute, x, *[array_const(channel_params[name]) for name in names])
+    if dtype_of(x) != "int32":
+        x = bb.emit(R.astype(x, "int32"))
+    constants = [array_const(channel[n].astype(dtypes[n])) for n in names]
+    return bb.emit_te(compute, x, *constants)
 
 
-def multiply_by_quantized_multiplier_single_rounding(
+def multiply_by_quantized_multiplier(
     bb: relax.BlockBuilder, x: relax.Expr, multiplier: np.ndarray, shift: np.ndarray
 ) -> relax.Expr:
-    """(x * multiplier + 2**(30 - shift)) >> (31 - shift): one rounding, halves up; returns int64.
+    """TFLite MultiplyByQuantizedMultiplier (double rounding) on an int32 tensor; returns int32.
 
-    This is what TFLite's optimized int8 conv/depthwise kernels compute on x86 (ruy's
-    MultiplyByQuantizedMultiplier, and the NEON vqdmulh + rounding-shift path, which agree).
+    ``multiplier``/``shift`` are scalars or per-channel vectors (last axis), as QuantizeMultiplier
+    gives them.
     """
-    multiplier = np.atleast_1d(np.asarray(multiplier, np.int64))
-    total_shift = 31 - np.atleast_1d(np.asarray(shift, np.int64))
-    product = R.multiply(R.astype(x, "int64"), const(multiplier, "int64"))
-    rounded = R.add(product, const(np.left_shift(np.int64(1), total_shift - 1), "int64"))
-    return bb.emit(R.right_shift(rounded, const(total_shift, "int64")))
-
-
-def rounding_divide_by_pot(bb: relax.BlockBuilder, x: relax.Expr, exponent: np.ndarray) -> relax.Expr:
-    """gemmlowp RoundingDivideByPOT with a constant (per-channel) exponent; x is int64 (int32 range)."""
-    exponent = np.atleast_1d(np.asarray(exponent, np.int64))
-    dtype = dtype_of(x)
-    mask = np.left_shift(np.int64(1), exponent) - 1
-    remainder = R.bitwise_and(x, const(mask, dtype))
-    threshold = R.add(const(mask >> 1, dtype), R.astype(R.less(x, const(0, dtype)), dtype))
-    rounded = R.add(R.right_shift(x, const(exponent, dtype)), R.astype(R.greater(remainder, threshold), dtype))
-    return bb.emit(rounded)
+    return _fixed_point_requantize(bb, x, multiplier, shift, single_rounding=False, output=None)
 
 
 def round_half_away_float(bb: relax.BlockBuilder, y: relax.Expr) -> relax.Expr:
@@ -139,10 +145,13 @@ def requantize_to(
     bb: relax.BlockBuilder, acc: relax.Expr, multiplier, shift, zero_point: int, lo: int, hi: int, dtype: str,
     single_rounding: bool = False,
 ) -> relax.Expr:
-    """acc (int32) -> MultiplyByQuantizedMultiplier + zero point, clamped to [lo, hi], as dtype."""
-    requantize = multiply_by_quantized_multiplier_single_rounding if single_rounding else multiply_by_quantized_multiplier
-    scaled = requantize(bb, acc, multiplier, shift)
-    return clamp_cast(bb, R.add(scaled, const(zero_point, "int64")), lo, hi, dtype)
+    """acc (int32) -> MultiplyByQuantizedMultiplier + zero point, clamped to [lo, hi], as dtype.
+
+    ``single_rounding``: (acc * multiplier + 2**(30 - shift)) >> (31 - shift), one rounding with
+    halves up - what TFLite's optimized int8 conv/depthwise/FC kernels compute on x86 (ruy's
+    MultiplyByQuantizedMultiplier and the NEON vqdmulh + rounding-shift path agree).
+    """
+    return _fixed_point_requantize(bb, acc, multiplier, shift, single_rounding, (zero_point, lo, hi, dtype))
 
 
 def requantize_float_to(
