@@ -10,6 +10,7 @@ from tvm.relax.backend.cpu_generic import pipeline as generic
 
 from .dotprod import PackForDotProduct
 from .float_exact import SeparateFloatMultiplyAdd
+from .fusion import legalize_and_fuse_passes
 from .rules import schedule_func
 from .target import cpu_info
 
@@ -40,7 +41,7 @@ class ScheduleCPU:
 def kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     """Library dispatch, dot-product weight packing, legalization and fusion: the passes that make
     the PrimFuncs edgeq schedules (and that ``edgeq tune`` tunes)."""
-    return generic.library_dispatch_passes(target) + [PackForDotProduct(target)] + generic.legalize_passes(target)
+    return generic.library_dispatch_passes(target) + [PackForDotProduct(target)] + legalize_and_fuse_passes()
 
 
 def cpu_pipeline(

@@ -27,6 +27,7 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV
 from tvm.s_tir.schedule.analysis import is_output_block
 
 from .dotprod import DotProduct, dot_for, tensorize_dot
+from .fusion import is_pad_value
 from .target import CpuInfo
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def schedule_func(func: tirx.PrimFunc, info: CpuInfo) -> tirx.PrimFunc | None:
     """Return ``func`` scheduled for ``info``'s CPU, or None when no strategy applies."""
     if _max_elements(s_tir.Schedule(func)) < _MIN_SCHEDULED_ELEMS:
         return None  # scalar-sized work: threads and vectors would not pay off
+    func, fills = split_pad_fills(func, info)
     fuse_limit = 1 << 30
     strategies: list[Callable[[s_tir.Schedule, CpuInfo], bool]] = [
         lambda sch, info: _anchored(sch, info, fuse_limit),
@@ -62,7 +64,7 @@ def schedule_func(func: tirx.PrimFunc, info: CpuInfo) -> tirx.PrimFunc | None:
         sch = s_tir.Schedule(func)
         try:
             if strategy(sch, info):
-                return sch.mod["main"]
+                return prepend_fills(sch.mod["main"], fills)
         except _FuseLimit as limit:
             fuse_limit = limit.limit
         except (RuntimeError, ValueError) as err:  # ScheduleError and TVM errors are RuntimeErrors
@@ -171,6 +173,61 @@ def _narrow_lanes(extent: int, lanes: int) -> int:
     while lanes > _MIN_VECTOR_LANES and extent % lanes:
         lanes //= 2
     return lanes
+
+
+# ---------------------------------------------------------------- padding
+
+
+def split_pad_fills(func: tirx.PrimFunc, info: CpuInfo) -> tuple[tirx.PrimFunc, list[tirx.Stmt]]:
+    """Split each pad of a computed tensor into "copy the interior" + "fill the border value".
+
+    A kernel that pads its result for the next conv (FuseOps fused the pad in, see
+    :mod:`.fusion`) writes a bordered tensor larger than its anchor's output. Returned apart:
+    ``func`` with interior copies only - they have the anchor's domain and join its tiles - and
+    the fills, scheduled loop nests (a vectorized memset) for :func:`prepend_fills` to put
+    first once ``func`` is scheduled. Without this the whole int32 accumulator was materialized
+    before a separate padding pass.
+    """
+    sch = s_tir.Schedule(func)
+    fills = []
+    for block in sch.get_child_blocks(_root(sch)):
+        stmt = sch.get(block)
+        if not (isinstance(stmt.body, tirx.BufferStore) and is_pad_value(stmt.body.value)):
+            continue
+        if not sch.get_producers(block) or not is_output_block(sch, block):
+            continue  # padding a kernel input: the consumer reads it as it is
+        try:
+            fill = sch.decompose_padding(block, sch.get_loops(block)[0])
+        except s_tir.ScheduleError:
+            continue
+        _schedule_elementwise(sch, fill, info)
+        fills.append(fill)
+    if not fills:
+        return func, []
+    fill_nests = [sch.get(sch.get_loops(fill)[0]) for fill in fills]
+    scheduled = sch.mod["main"]
+    rest = [n for n in _root_statements(scheduled) if not any(n.same_as(f) for f in fill_nests)]
+    return _with_root_statements(scheduled, rest), fill_nests
+
+
+def prepend_fills(func: tirx.PrimFunc, fills: list[tirx.Stmt]) -> tirx.PrimFunc:
+    """``func`` with the border fills of :func:`split_pad_fills` run first (nothing before them
+    touches the padded outputs they write)."""
+    return _with_root_statements(func, fills + _root_statements(func)) if fills else func
+
+
+def _root_statements(func: tirx.PrimFunc) -> list[tirx.Stmt]:
+    body = func.body.block.body
+    return list(body.seq) if isinstance(body, tirx.SeqStmt) else [body]
+
+
+def _with_root_statements(func: tirx.PrimFunc, statements: list[tirx.Stmt]) -> tirx.PrimFunc:
+    realize = func.body
+    root = realize.block
+    body = tirx.SeqStmt(statements) if len(statements) > 1 else statements[0]
+    new_root = s_tir.SBlock(root.iter_vars, root.reads, root.writes, root.name_hint, body, root.init,
+                            root.alloc_buffers, root.match_buffers, root.annotations)
+    return func.with_body(s_tir.SBlockRealize(realize.iter_values, realize.predicate, new_root))
 
 
 # ---------------------------------------------------------------- inlining
