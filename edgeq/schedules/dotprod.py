@@ -82,11 +82,10 @@ def _vnni_impl(lanes: int):
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
             T.writes(C[0:lanes])
-            a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
             C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{width}"),
                 C.vload([0], dtype=f"int32x{lanes}"),
-                T.reinterpret(T.broadcast(a, lanes), dtype=bytes_),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), lanes), dtype=bytes_),
                 B.vload([0, 0], dtype=bytes_),
                 dtype=f"int32x{lanes}",
             )
@@ -103,11 +102,13 @@ def _pmaddwd_8x2_impl(
     with T.sblock("root"):
         T.reads(C[0:8], A[0:2], B[0:8, 0:2])
         T.writes(C[0:8])
-        pair = T.reinterpret(T.cast(A.vload([0], "int8x2"), "int16x2"), dtype="int32")
-        a = T.reinterpret(T.broadcast(pair, 8), dtype="int16x16")
         C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            a, B.vload([0, 0], dtype="int16x16"), dtype="int32x8",
+            T.reinterpret(
+                T.broadcast(T.reinterpret(T.cast(A.vload([0], "int8x2"), "int16x2"), dtype="int32"), 8),
+                dtype="int16x16",
+            ),
+            B.vload([0, 0], dtype="int16x16"), dtype="int32x8",
         )
 
 
@@ -130,11 +131,10 @@ def _sdot_4x4_impl(
     with T.sblock("root"):
         T.reads(C[0:4], A[0:4], B[0:4, 0:4])
         T.writes(C[0:4])
-        a = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
         C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
             C.vload([0], dtype="int32x4"),
-            T.reinterpret(T.broadcast(a, 4), dtype="int8x16"),
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4), dtype="int8x16"),
             B.vload([0, 0], dtype="int8x16"),
             dtype="int32x4",
         )

@@ -45,6 +45,10 @@ _MIN_SCHEDULED_ELEMS = 512
 _CHEAP_CALLS = ("tirx.if_then_else", "prim.if_then_else")
 # Vector tiles are 4, 2 or 1 registers: odd multiples (24 floats) made LLVM emit slow shuffles.
 _VEC_CHOICES = (4, 2, 1)
+_DOT_VEC_CHOICES = (4, 3, 2, 1)
+# TVM allocates a kernel's temporary buffers on the stack only below this size (LowerTVMBuiltin's
+# kMaxStackAlloca); a larger register tile's accumulator became a heap allocation per tile.
+_MAX_STACK_BYTES = 1024
 # Narrowest vector (in elements) used when a channel count is not a multiple of the full width.
 _MIN_VECTOR_LANES = 4
 
@@ -314,14 +318,17 @@ def _blockwise(sch: s_tir.Schedule, info: CpuInfo) -> bool:
 # ---------------------------------------------------------------- anchored reduction
 
 
-def _register_tile(width: int, vec_extent: int, lanes: int, regs: int) -> tuple[int, int]:
-    """Pick (width tile, vector tile) maximizing accumulators within ``regs`` registers."""
+def _register_tile(
+    width: int, vec_extent: int, lanes: int, regs: int, acc_bytes: int, vec_choices: tuple[int, ...] = _VEC_CHOICES
+) -> tuple[int, int]:
+    """Pick (width tile, vector tile) maximizing accumulators within ``regs`` registers and
+    below the stack-allocation limit (a larger accumulator tile is heap-allocated per tile)."""
     best = (0, 1, 1)  # (accumulator registers, vectors, width tile)
-    for vecs in _VEC_CHOICES:
+    for vecs in vec_choices:
         if vec_extent % (lanes * vecs):
             continue
         for tile in range(min(width, _MAX_WIDTH_TILE), 0, -1):
-            if width % tile or tile * vecs > regs:
+            if width % tile or tile * vecs > regs or tile * vecs * lanes * acc_bytes >= _MAX_STACK_BYTES:
                 continue
             if (tile * vecs, vecs) > best[:2]:
                 best = (tile * vecs, vecs, tile)
@@ -372,7 +379,10 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
 
     width = extents[n_spatial - 2] if n_spatial >= 2 else 1
     regs = info.vector_regs - 4
-    width_tile, vec_tile = _register_tile(width, vec_extent, lanes, regs)
+    # Tensorized kernels issue one instruction per vector: three vectors are as good as two or four.
+    choices = _DOT_VEC_CHOICES if dot_for(sch, anchor, info.dots, lanes) is not None else _VEC_CHOICES
+    acc_bytes = tvm.DataType(acc_dtype).bits // 8
+    width_tile, vec_tile = _register_tile(width, vec_extent, lanes, regs, acc_bytes, choices)
 
     # "global", not "local": on CPU only small global-scope allocations become stack
     # allocas (LowerTVMBuiltin); "local" ones become a workspace alloc per loop iteration.
