@@ -43,6 +43,7 @@ class DotProduct:
     depth: int  # products summed into each lane
     data_dtype: str  # activation operand ("uint8" for vpdpbusd, else "int8")
     weight_dtype: str  # weight operand as packed
+    broadcast_cost: int = 1  # instructions that broadcast one activation group to all lanes
 
 
 # ---------------------------------------------------------------- edgeq's own intrinsics
@@ -104,10 +105,9 @@ def _pmaddwd_8x2_impl(
         T.writes(C[0:8])
         C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            T.reinterpret(
-                T.broadcast(T.reinterpret(T.cast(A.vload([0], "int8x2"), "int16x2"), dtype="int32"), 8),
-                dtype="int16x16",
-            ),
+            # the two int8 activations broadcast as one 16-bit word, then widened: [a0, a1] * 8 as int16
+            T.cast(T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x2"), dtype="int16"), 8),
+                                 dtype="int8x16"), "int16x16"),
             B.vload([0, 0], dtype="int16x16"), dtype="int32x8",
         )
 
@@ -159,7 +159,7 @@ def _register() -> None:
 _register()
 
 VNNI = (DotProduct(VNNI_16X4, 16, 4, "uint8", "int8"), DotProduct(VNNI_8X4, 8, 4, "uint8", "int8"))
-AVX2 = (DotProduct(PMADDWD_8X2, 8, 2, "int8", "int16"),)
+AVX2 = (DotProduct(PMADDWD_8X2, 8, 2, "int8", "int16", broadcast_cost=2),)  # vpbroadcastw + vpmovsxbw
 SDOT = (DotProduct(SDOT_4X4, 4, 4, "int8", "int8"),)
 
 # LLVM CPU names with AVX-512 VNNI.

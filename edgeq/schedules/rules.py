@@ -319,20 +319,30 @@ def _blockwise(sch: s_tir.Schedule, info: CpuInfo) -> bool:
 
 
 def _register_tile(
-    width: int, vec_extent: int, lanes: int, regs: int, acc_bytes: int, vec_choices: tuple[int, ...] = _VEC_CHOICES
+    width: int, vec_extent: int, lanes: int, regs: int, acc_bytes: int,
+    vec_choices: tuple[int, ...] = _VEC_CHOICES, broadcast_cost: int = 1,
 ) -> tuple[int, int]:
-    """Pick (width tile, vector tile) maximizing accumulators within ``regs`` registers and
-    below the stack-allocation limit (a larger accumulator tile is heap-allocated per tile)."""
-    best = (0, 1, 1)  # (accumulator registers, vectors, width tile)
+    """Pick (width tile, vector tile): ``width`` positions x ``vecs`` vectors of accumulators.
+
+    Per multiply-accumulate instruction, a tile spends ``broadcast_cost / vecs`` on broadcasting
+    activations (one broadcast per width position, shared by its vectors) and ``1 / width`` on
+    loading weights (one load per vector, shared by the width positions); the cheapest tile that
+    fits ``regs`` registers and stays below the stack-allocation limit (a larger accumulator is
+    heap-allocated per tile) wins, the larger one on ties.
+    """
+    best: tuple[float, int, int, int] | None = None  # (-cost, accumulators, vectors, width tile)
     for vecs in vec_choices:
         if vec_extent % (lanes * vecs):
             continue
         for tile in range(min(width, _MAX_WIDTH_TILE), 0, -1):
             if width % tile or tile * vecs > regs or tile * vecs * lanes * acc_bytes >= _MAX_STACK_BYTES:
                 continue
-            if (tile * vecs, vecs) > best[:2]:
-                best = (tile * vecs, vecs, tile)
-    return best[2], best[1] * lanes
+            candidate = (-(broadcast_cost / vecs + 1 / tile), tile * vecs, vecs, tile)
+            if best is None or candidate > best:
+                best = candidate
+    if best is None:
+        return 1, lanes
+    return best[3], best[2] * lanes
 
 
 class _FuseLimit(Exception):
@@ -380,9 +390,11 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
     width = extents[n_spatial - 2] if n_spatial >= 2 else 1
     regs = info.vector_regs - 4
     # Tensorized kernels issue one instruction per vector: three vectors are as good as two or four.
-    choices = _DOT_VEC_CHOICES if dot_for(sch, anchor, info.dots, lanes) is not None else _VEC_CHOICES
+    narrow_dot = dot_for(sch, anchor, info.dots, lanes)
+    choices = _DOT_VEC_CHOICES if narrow_dot is not None else _VEC_CHOICES
+    broadcast_cost = narrow_dot.broadcast_cost if narrow_dot is not None else 1
     acc_bytes = tvm.DataType(acc_dtype).bits // 8
-    width_tile, vec_tile = _register_tile(width, vec_extent, lanes, regs, acc_bytes, choices)
+    width_tile, vec_tile = _register_tile(width, vec_extent, lanes, regs, acc_bytes, choices, broadcast_cost)
 
     # "global", not "local": on CPU only small global-scope allocations become stack
     # allocas (LowerTVMBuiltin); "local" ones become a workspace alloc per loop iteration.
