@@ -31,7 +31,8 @@ _OPTIONS = {
     "RESHAPE": "ReshapeOptions", "SOFTMAX": "SoftmaxOptions", "CONCATENATION": "ConcatenationOptions",
     "PAD": "PadOptions", "QUANTIZE": "QuantizeOptions", "DEQUANTIZE": "DequantizeOptions",
     "HARD_SWISH": "HardSwishOptions", "TRANSPOSE": "TransposeOptions", "SQUEEZE": "SqueezeOptions",
-    "RESIZE_NEAREST_NEIGHBOR": "ResizeNearestNeighborOptions",
+    "RESIZE_NEAREST_NEIGHBOR": "ResizeNearestNeighborOptions", "LEAKY_RELU": "LeakyReluOptions",
+    "RESIZE_BILINEAR": "ResizeBilinearOptions", "BATCH_MATMUL": "BatchMatMulOptions",
 }
 
 

@@ -293,3 +293,55 @@ def test_small_network_with_float_io(tmp_path):
     report = assert_matches_reference(b, tmp_path)
     assert [name for name, _ in report.float_ops] == ["QUANTIZE", "DEQUANTIZE"]
     assert report.macs_integer == report.macs_total > 0
+
+
+def _leaky_relu(b: TFLiteBuilder, y: int, out: Q) -> int:
+    z = b.tensor(b.shape(y), b.dtype(y), out)
+    b.op("LEAKY_RELU", [y], [z], Alpha=0.2)
+    return z
+
+
+def _resize_bilinear(b: TFLiteBuilder, y: int, _out: Q) -> int:
+    n, h, w, c = b.shape(y)
+    size = b.constant(np.array([2 * h - 1, 2 * w + 3], np.int32))
+    z = b.tensor((n, 2 * h - 1, 2 * w + 3, c), b.dtype(y), b.quant(y))  # TFLite keeps the input's quantization
+    b.op("RESIZE_BILINEAR", [y, size], [z], AlignCorners=False, HalfPixelCenters=True)
+    return z
+
+
+@pytest.mark.parametrize("op, max_steps", [("LEAKY_RELU", 1), ("RESIZE_BILINEAR", 2)])
+@pytest.mark.parametrize("dtype", ["int8", "uint8"])
+def test_op_without_integer_kernel_falls_back_alone(tmp_path, op, max_steps, dtype):
+    """An op edgeq has no integer kernel for runs in TVM's dequantize -> float -> quantize; the ops
+    around it keep edgeq's bit-exact kernels, and the report names it. (TFLite's integer bilinear
+    resize interpolates in 10-bit fixed point: the float path lands up to 2 steps away.)"""
+    rng = _rng(op, dtype)
+    zp = 0 if dtype == "int8" else 128
+    b = TFLiteBuilder()
+    x = b.input((1, 9, 7, 4), dtype, Q(0.05, zp - 3))
+    w, ws = _weights(rng, b, (8, 3, 3, 4), "int8" if dtype == "int8" else "uint8", dtype == "int8", 0)
+    conv = b.conv2d(x, w, _bias(rng, b, 0.05, ws, 8), Q(0.08, zp - 5))
+    lowered = {"LEAKY_RELU": _leaky_relu, "RESIZE_BILINEAR": _resize_bilinear}[op](b, conv, Q(0.07, zp + 4))
+    b.output(conv)
+    b.output(lowered)
+    path = tmp_path / "model.tflite"
+    path.write_bytes(b.build())
+
+    mod, report = import_integer(path)
+    assert report.ops_integer == report.ops_total - 1
+    assert [name for name, _ in report.float_ops] == [op]
+    assert "TVM's dequantize -> float -> quantize" in report.float_ops[0][1]
+    assert report.macs_integer == report.macs_total > 0
+
+    vm = tvm.runtime.vm.VirtualMachine(tvm.compile(mod, target=tvm.target.Target(TARGET)), tvm.cpu())
+    interpreter = litert.Interpreter(model_path=str(path), experimental_op_resolver_type=litert.OpResolverType.BUILTIN_REF)
+    interpreter.allocate_tensors()
+    for trial in range(3):
+        arrays = _inputs(interpreter, rng, trial)
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], arrays[0])
+        interpreter.invoke()
+        got = vm["main"](tvm.runtime.tensor(arrays[0]))
+        conv_ref, op_ref = (interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details())
+        np.testing.assert_array_equal(got[0].numpy(), conv_ref)  # the integer conv stays exact
+        steps = np.abs(got[1].numpy().astype(np.int32) - op_ref.astype(np.int32))
+        assert steps.max() <= max_steps and np.mean(steps == 0) >= 0.7, (steps.max(), np.mean(steps == 0))

@@ -35,6 +35,7 @@ from .lower_shape import (
 )
 from .lower_softmax import lower_softmax
 from .report import DEFAULT_FLOAT_REASON, FLOAT_REASON_PREFIX, IntegerReport
+from .tvm_fallback import TvmOpFallback, fallback_for
 
 LOWERINGS: dict[str, Callable[[LoweringContext, Operator], Lowered]] = {
     "CONV_2D": lower_conv2d,
@@ -78,17 +79,20 @@ def _param_names(graph: Graph) -> list[str]:
     return names
 
 
-def _check_supported(graph: Graph, model_name: str) -> None:
+def _check_supported(graph: Graph, model_name: str, fallback: TvmOpFallback | None = None) -> None:
     if not any(t.dtype in ("int8", "uint8") and t.quant is not None for t in graph.tensors if t.data is None):
         raise UnsupportedModelError(
             f"{model_name} has no 8-bit quantized activations; the integer importer lowers quantized models "
             "(package a float model as it is, or quantize it with --quantize int8)"
         )
-    missing = sorted({op.name for op in graph.operators if op.name not in LOWERINGS and op.name not in FLOAT_LOWERINGS})
+    missing = sorted({
+        op.name for op in graph.operators
+        if op.name not in LOWERINGS and op.name not in FLOAT_LOWERINGS and not (fallback and fallback.supports(op.name))
+    })
     if missing:
         raise UnsupportedModelError(
-            f"{model_name} uses ops the integer importer cannot lower: {', '.join(missing)}. "
-            f"Supported: {', '.join(sorted(LOWERINGS))}."
+            f"{model_name} uses ops neither the integer importer nor TVM's frontend can lower: {', '.join(missing)}. "
+            f"Integer kernels: {', '.join(sorted(LOWERINGS))}."
         )
 
 
@@ -104,11 +108,15 @@ def float_reason_of(model_path: str | Path) -> str:
     return description[len(FLOAT_REASON_PREFIX):] if description.startswith(FLOAT_REASON_PREFIX) else DEFAULT_FLOAT_REASON
 
 
-def _lower(ctx: LoweringContext, op: Operator, float_reason: str) -> Lowered:
-    """An op's integer lowering, or its float one when its activations are float32 (a float island)."""
+def _lower(ctx: LoweringContext, op: Operator, float_reason: str, fallback: TvmOpFallback | None = None) -> Lowered:
+    """An op's integer lowering, its float one when its activations are float32 (a float island), or
+    TVM's dequantize -> float -> quantize for an op edgeq has no kernel for."""
     if op.name in FLOAT_LOWERINGS and is_float_island(ctx, op):
         lowered = FLOAT_LOWERINGS[op.name](ctx, op)
         return replace(lowered, float_reason=f"{float_reason} (output {ctx.tensor(op.outputs[0]).name})")
+    if op.name not in LOWERINGS and fallback is not None and fallback.supports(op.name):
+        lowered = fallback.lower(ctx, op)
+        return replace(lowered, float_reason=f"{lowered.float_reason} (output {ctx.tensor(op.outputs[0]).name})")
     if op.name not in LOWERINGS:
         raise UnsupportedModelError(
             f"{op.name} #{op.index} has a float lowering only, but its tensors are quantized; "
@@ -146,22 +154,26 @@ def import_integer(model_path: str | Path, *, kernels: str = "reference") -> tup
         ValueError: ``kernels`` is not one of KERNELS.
     """
     graph = read_graph(model_path)
-    _check_supported(graph, Path(model_path).name)
-    return convert_graph(graph, kernels=kernels, float_reason=float_reason_of(model_path))
+    return convert_graph(graph, kernels=kernels, float_reason=float_reason_of(model_path),
+                         model_bytes=Path(model_path).read_bytes(), model_name=Path(model_path).name)
 
 
 def convert_graph(
-    graph: Graph, *, kernels: str = "reference", float_reason: str = DEFAULT_FLOAT_REASON
+    graph: Graph, *, kernels: str = "reference", float_reason: str = DEFAULT_FLOAT_REASON,
+    model_bytes: bytes | None = None, model_name: str = "the model",
 ) -> tuple[tvm.IRModule, IntegerReport]:
     """import_integer on an already parsed graph (outputs may be replaced, e.g. to inspect intermediates).
 
     Ops whose activations are all float32 (float islands between DEQUANTIZE and QUANTIZE) are
     lowered in float (lower_float.py) and listed in the report's ``float_ops`` with ``float_reason``.
+    With ``model_bytes`` (the .tflite the graph was read from), a quantized op edgeq has no integer
+    kernel for goes through TVM's frontend in dequantize -> float -> quantize, also listed there.
     """
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, not {kernels!r}")
-    _check_supported(graph, "the model")
     bb = relax.BlockBuilder()
+    fallback = fallback_for(model_bytes, bb)
+    _check_supported(graph, model_name, fallback)
     params = [
         relax.Var(name, relax.TensorType(graph.tensors[i].shape, graph.tensors[i].dtype))
         for name, i in zip(_param_names(graph), graph.inputs)
@@ -172,7 +184,7 @@ def convert_graph(
         with bb.dataflow():
             ctx = LoweringContext(bb, graph, values=dict(zip(graph.inputs, params)), kernels=kernels)
             for op in graph.operators:
-                lowered = _lower(ctx, op, float_reason)
+                lowered = _lower(ctx, op, float_reason, fallback)
                 macs_total += lowered.macs
                 if lowered.integer:
                     ops_integer += 1
