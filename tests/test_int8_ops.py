@@ -345,3 +345,21 @@ def test_op_without_integer_kernel_falls_back_alone(tmp_path, op, max_steps, dty
         np.testing.assert_array_equal(got[0].numpy(), conv_ref)  # the integer conv stays exact
         steps = np.abs(got[1].numpy().astype(np.int32) - op_ref.astype(np.int32))
         assert steps.max() <= max_steps and np.mean(steps == 0) >= 0.7, (steps.max(), np.mean(steps == 0))
+
+
+@pytest.mark.parametrize("adj_x, adj_y", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("constant_rhs", [False, True])
+def test_batch_matmul(tmp_path, adj_x, adj_y, constant_rhs):
+    rng = _rng("bmm", adj_x, adj_y, constant_rhs)
+    b = TFLiteBuilder()
+    lhs_shape = (2, 3, 5, 7)[:2] + ((7, 5) if adj_x else (5, 7))
+    rhs_shape = (1, 3) + ((6, 7) if adj_y else (7, 6))
+    lhs = b.input(lhs_shape, "int8", Q(0.04, -7))
+    rq = Q(0.03, 5)
+    rhs = (b.constant(rng.integers(-128, 128, rhs_shape).astype(np.int8), rq) if constant_rhs
+           else b.input(rhs_shape, "int8", rq))
+    out = b.tensor((2, 3, 5, 6), "int8", Q(0.3, -2))
+    b.op("BATCH_MATMUL", [lhs, rhs], [out], AdjX=adj_x, AdjY=adj_y)
+    b.output(out)
+    report = assert_matches_reference(b, tmp_path)
+    assert report.macs_integer == report.macs_total == 2 * 3 * 5 * 6 * 7

@@ -24,7 +24,7 @@ from .lower_elementwise import (
     lower_tanh,
 )
 from .lower_float import FLOAT_LOWERINGS, is_float_island
-from .lower_linear import lower_conv2d, lower_depthwise_conv2d, lower_fully_connected
+from .lower_linear import lower_batch_matmul, lower_conv2d, lower_depthwise_conv2d, lower_fully_connected
 from .lower_pool import lower_average_pool2d, lower_max_pool2d, lower_mean
 from .lower_shape import (
     lower_concatenation,
@@ -41,6 +41,7 @@ LOWERINGS: dict[str, Callable[[LoweringContext, Operator], Lowered]] = {
     "CONV_2D": lower_conv2d,
     "DEPTHWISE_CONV_2D": lower_depthwise_conv2d,
     "FULLY_CONNECTED": lower_fully_connected,
+    "BATCH_MATMUL": lower_batch_matmul,
     "ADD": lower_add,
     "SUB": lower_sub,
     "MUL": lower_mul,

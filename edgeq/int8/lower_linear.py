@@ -1,4 +1,4 @@
-"""CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED as int32-accumulating Relax conv2d/matmul.
+"""CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED and BATCH_MATMUL as int32-accumulating Relax conv2d/matmul.
 
 The input zero point is folded into the bias: sum((x - zx) * w) = conv(x, w) - zx * sum(w). That is
 exact only where every tap reads a real pixel, so SAME padding is done explicitly with the value zx
@@ -148,3 +148,37 @@ def lower_fully_connected(ctx: LoweringContext, op: Operator) -> Lowered:
     ctx.set(op.outputs[0], result)
     batches = int(np.prod(inp.shape)) // depth
     return Lowered(macs=batches * units * depth)
+
+
+def lower_batch_matmul(ctx: LoweringContext, op: Operator) -> Lowered:
+    """reference_ops::BatchMatMul: sum((lhs - zl) * (rhs - zr)) in int32, MultiplyByQuantizedMultiplier.
+
+    Both operands may be activations (attention) or the right one constant; adj_x / adj_y transpose
+    the last two axes first, and batch axes broadcast as in TFLite.
+    """
+    lhs, rhs, out = (ctx.tensor(i) for i in (op.inputs[0], op.inputs[1], op.outputs[0]))
+    require_quantized(ctx, op, lhs.index, rhs.index, out.index)
+    if lhs.dtype != "int8" or rhs.dtype != "int8":
+        raise UnsupportedModelError(f"BATCH_MATMUL #{op.index}: only int8 operands have a TFLite kernel")
+    if lhs.quant.per_channel or rhs.quant.per_channel:
+        raise UnsupportedModelError(f"BATCH_MATMUL #{op.index}: per-channel quantization is not supported")
+
+    def operand(tensor: Tensor, transpose: bool) -> relax.Expr:
+        x = R.astype(ctx.value(tensor.index), "int16")
+        if tensor.quant.zp:
+            x = R.subtract(x, relax.const(np.int16(tensor.quant.zp), "int16"))
+        if transpose:
+            axes = list(range(len(tensor.shape)))
+            axes[-2:] = axes[-1], axes[-2]
+            x = R.permute_dims(x, axes)
+        return ctx.bb.emit(x)
+
+    options = op.options
+    a = operand(lhs, bool(options and options.AdjX()))
+    b = operand(rhs, bool(options and options.AdjY()))
+    acc = ctx.bb.emit(R.matmul(a, b, out_dtype="int32"))
+    multiplier, shift = quantize_multiplier(float(lhs.quant.s) * float(rhs.quant.s) / float(out.quant.s))
+    lo, hi = activation_range("NONE", out.dtype, out.quant.s, out.quant.zp)
+    ctx.set(out.index, requantize_to(ctx.bb, acc, multiplier, shift, out.quant.zp, lo, hi, out.dtype))
+    depth = int(a.ty.shape[-1])
+    return Lowered(macs=int(np.prod(out.shape)) * depth)
