@@ -56,17 +56,32 @@ def conv_module(kernel_layout: str = "OHWI", stride: int = 1) -> tvm.IRModule:
     return _module((1, 14, 14, 16), body)
 
 
-def conv_padded_output_module() -> tvm.IRModule:
-    """Conv + requant whose fused epilogue ends in the next layer's padding (a larger domain)."""
+def conv_padded_output_module(before: int = 0) -> tvm.IRModule:
+    """Conv + requant whose fused epilogue ends in the next layer's padding (a larger domain),
+    ``before`` rows and columns before the data (shifted indices) and one after."""
     weight = _int8(32, 3, 3, 16)
 
     def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
         acc = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), padding=1, data_layout="NHWC",
                                          kernel_layout="OHWI", out_dtype="int32"))
         out = _requant(bb, acc, 1_518_500_250, 40)
-        return bb.emit(relax.op.nn.pad(out, pad_width=[0, 0, 0, 1, 0, 1, 0, 0], pad_value=-128.0))
+        return bb.emit(relax.op.nn.pad(out, pad_width=[0, 0, before, 1, before, 1, 0, 0], pad_value=-7.0))
 
     return _module((1, 14, 14, 16), body)
+
+
+def stem_module() -> tvm.IRModule:
+    """An RGB stem: explicitly padded 3-channel input, 3x3 stride-2 conv to 32 channels (the dot
+    kernels pad the input channels to their group size)."""
+    weight = _int8(3, 3, 3, 32)
+
+    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        padded = bb.emit(relax.op.nn.pad(x, pad_width=[0, 0, 0, 1, 0, 1, 0, 0], pad_value=-5.0))
+        acc = bb.emit(relax.op.nn.conv2d(padded, relax.const(weight), strides=2, data_layout="NHWC",
+                                         kernel_layout="HWIO", out_dtype="int32"))
+        return _requant(bb, acc, 1_400_000_000, 37)
+
+    return _module((1, 24, 24, 3), body)
 
 
 def depthwise_module() -> tvm.IRModule:
@@ -150,9 +165,10 @@ def test_builds_for_aarch64_neon() -> None:
 @pytest.mark.parametrize("target", [X86, VNNI], ids=["avx2", "vnni"])
 @pytest.mark.parametrize(
     "make",
-    [conv_module, lambda: conv_module("HWIO", stride=2), conv_padded_output_module, depthwise_module, dense_module,
-     pointwise_module],
-    ids=["conv-ohwi", "conv-hwio-s2", "conv-padded-output", "depthwise", "dense", "pointwise"],
+    [conv_module, lambda: conv_module("HWIO", stride=2), conv_padded_output_module,
+     lambda: conv_padded_output_module(before=1), depthwise_module, dense_module, pointwise_module, stem_module],
+    ids=["conv-ohwi", "conv-hwio-s2", "conv-padded-output", "conv-padded-output-shifted", "depthwise", "dense",
+         "pointwise", "stem"],
 )
 def test_int8_outputs_bit_identical(make: object, target: tvm.target.Target) -> None:
     if not _host_has(target):
@@ -178,10 +194,11 @@ def test_float_rps96_matches_unscheduled() -> None:
 
 
 @pytest.mark.parametrize("target,instruction", [(X86, "vpmaddwd"), (VNNI, "vpdpbusd")], ids=["avx2", "vnni"])
-@pytest.mark.parametrize("make", [pointwise_module, dense_module], ids=["pointwise", "dense"])
+@pytest.mark.parametrize("make", [pointwise_module, dense_module, stem_module], ids=["pointwise", "dense", "stem"])
 def test_int8_kernels_use_dot_product_instructions(make: object, target: tvm.target.Target, instruction: str,
                                                    tmp_path: Path) -> None:
-    """1x1 conv and dense run on the ISA's integer dot product: VNNI vpdpbusd, else AVX2 vpmaddwd."""
+    """1x1 conv, dense and a 3-channel stem run on the ISA's integer dot product: VNNI vpdpbusd,
+    else AVX2 vpmaddwd."""
     if shutil.which("objdump") is None:
         pytest.skip("objdump missing (binutils)")
     library = tmp_path / "lib.so"
@@ -206,3 +223,14 @@ def test_efficientnet_with_dot_products_matches_reference_kernels(target: tvm.ta
     want = ReferenceInterpreter(path).run(x)[0]
     assert np.count_nonzero(want) > 8  # a spread of class scores, not one saturated class
     np.testing.assert_array_equal(got.reshape(want.shape), want)
+
+
+def test_padding_joins_the_producing_kernel() -> None:
+    """A pad after a conv is fused into the conv's kernel, and its interior is written inside the
+    conv's parallel tiles (no separate pad kernel, no full-size int32 accumulator)."""
+    funcs = _scheduled_prim_funcs(conv_padded_output_module(before=1), VNNI)
+    assert not [name for name in funcs if name.startswith("pad")], sorted(funcs)
+    (conv,) = [text for name, text in funcs.items() if "conv2d" in name and "pad" in name]
+    _, fill, tiles = conv.split("T.parallel(")  # the border fill, then the conv tiles with the interior copy
+    assert '_pad_const")' in fill and '_pad_const")' not in tiles
+    assert 'conv2d_nhwc_update")' in tiles and 'sblock("PadInput")' in tiles

@@ -262,12 +262,13 @@ class _Packer(PyExprMutator):
         packed = rewrite(call) if rewrite is not None else None
         return call if packed is None else packed
 
-    def _fits(self, data: relax.Expr, out_dtype: str, values: np.ndarray) -> bool:
-        """int8 data, int32 result, input channels in whole groups and output channels in whole vectors."""
+    def _fits(self, data: relax.Expr, out_dtype: str, values: np.ndarray, pad_channels: bool = False) -> bool:
+        """int8 data, int32 result, output channels in whole vectors and input channels in whole
+        groups (or, with ``pad_channels``, any number: :meth:`_conv2d` pads them)."""
         channels, units = values.shape[-2:]
         return (
             str(getattr(data.ty, "dtype", "")) == "int8" and out_dtype == "int32"
-            and channels % self.dot.depth == 0 and units % self.dot.lanes == 0
+            and (pad_channels or channels % self.dot.depth == 0) and units % self.dot.lanes == 0
         )
 
     def _conv2d(self, call: relax.Call) -> relax.Expr | None:
@@ -279,8 +280,12 @@ class _Packer(PyExprMutator):
         if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NHWC", "HWIO", "NHWC"):
             return None
         values = _weight_values(weight, self.dot)
-        if values is None or values.ndim != 4 or not self._fits(data, str(attrs.out_dtype), values):
+        if values is None or values.ndim != 4 or not self._fits(data, str(attrs.out_dtype), values, pad_channels=True):
             return None
+        missing = -values.shape[2] % self.dot.depth
+        if missing:  # e.g. an RGB stem conv: a zero weight makes the extra input channel contribute nothing
+            values = np.concatenate([values, np.zeros(values.shape[:2] + (missing, values.shape[3]), values.dtype)], axis=2)
+            data = self.builder_.emit(R.nn.pad(data, [0, 0, 0, 0, 0, 0, 0, missing], pad_value=0.0))
         strides = [int(s) for s in attrs.strides]
         dilation = [int(d) for d in attrs.dilation]
         return self._emit(_dot_conv2d, data, values, strides, dilation)
