@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-from tvm import relax
+from tvm import relax, te, tirx
 
 from ..errors import UnsupportedModelError
 from .context import Lowered, LoweringContext, activation_of, require_quantized
@@ -31,19 +31,28 @@ def _window_geometry(ctx: LoweringContext, op: Operator):
     return inp, kernel, stride, rows, cols
 
 
-def _window_sum(ctx: LoweringContext, x32: relax.Expr, kernel, stride, rows, cols) -> relax.Expr:
-    """Sum of each pooling window (zeros padded), as kh*kw strided slices added together."""
-    (out_h, top, bottom), (out_w, left, right) = rows, cols
-    if top or bottom or left or right:
-        x32 = ctx.bb.emit(R.nn.pad(x32, [0, 0, top, bottom, left, right, 0, 0], pad_value=0.0))
-    total = None
-    for dy in range(kernel[0]):
-        for dx in range(kernel[1]):
-            begin = [dy, dx]
-            end = [dy + (out_h - 1) * stride[0] + 1, dx + (out_w - 1) * stride[1] + 1]
-            tap = R.strided_slice(x32, axes=[1, 2], begin=begin, end=end, strides=list(stride))
-            total = tap if total is None else R.add(total, tap)
-    return ctx.bb.emit(total)
+def _window_sum(ctx: LoweringContext, x: relax.Expr, kernel, stride, rows, cols) -> relax.Expr:
+    """int32 sum of each pooling window, padded taps skipped: one reduction kernel (a conv-like
+    anchor, so the division after it runs inside its tiles)."""
+    (out_h, top, _), (out_w, left, _) = rows, cols
+    batch, height, width, channels = (int(d) for d in x.ty.shape)
+
+    def compute(data: te.Tensor) -> te.Tensor:
+        ry, rx = te.reduce_axis((0, kernel[0]), "ry"), te.reduce_axis((0, kernel[1]), "rx")
+
+        def tap(b, y, xx, c):
+            iy, ix = y * stride[0] + ry - top, xx * stride[1] + rx - left
+            value = data[b, iy, ix, c].astype("int32")
+            if not (top or left or (out_h - 1) * stride[0] + kernel[0] - top > height
+                    or (out_w - 1) * stride[1] + kernel[1] - left > width):
+                return value
+            inside = tirx.all(iy >= 0, iy < height, ix >= 0, ix < width)
+            return tirx.if_then_else(inside, value, tirx.const(0, "int32"))
+
+        return te.compute((batch, out_h, out_w, channels),
+                          lambda b, y, xx, c: te.sum(tap(b, y, xx, c), axis=[ry, rx]), name="window_sum")
+
+    return ctx.bb.emit_te(compute, x, primfunc_name_hint="window_sum")
 
 
 def _valid_counts(size: int, kernel: int, stride: int, out: int, before: int) -> np.ndarray:
@@ -55,13 +64,12 @@ def lower_average_pool2d(ctx: LoweringContext, op: Operator) -> Lowered:
     inp, kernel, stride, rows, cols = _window_geometry(ctx, op)
     out = ctx.tensor(op.outputs[0])
     require_quantized(ctx, op, inp.index, out.index)
-    x32 = ctx.bb.emit(R.astype(ctx.value(inp.index), "int32"))
     is_global = rows[0] == 1 and cols[0] == 1 and kernel == tuple(inp.shape[1:3]) and not any(rows[1:] + cols[1:])
     if is_global:
-        acc = ctx.bb.emit(R.sum(x32, axis=[1, 2], keepdims=True))
+        acc = ctx.bb.emit(R.sum(R.astype(ctx.value(inp.index), "int32"), axis=[1, 2], keepdims=True))
         counts = np.int32(kernel[0] * kernel[1])
     else:
-        acc = _window_sum(ctx, x32, kernel, stride, rows, cols)
+        acc = _window_sum(ctx, ctx.value(inp.index), kernel, stride, rows, cols)
         counts = np.outer(
             _valid_counts(inp.shape[1], kernel[0], stride[0], rows[0], rows[1]),
             _valid_counts(inp.shape[2], kernel[1], stride[1], cols[0], cols[1]),

@@ -173,12 +173,24 @@ def lookup(bb: relax.BlockBuilder, x: relax.Expr, table: np.ndarray) -> relax.Ex
 
 
 def rounded_division(bb: relax.BlockBuilder, acc: relax.Expr, count: np.ndarray | int) -> relax.Expr:
-    """(acc +- count/2) / count with C truncation: TFLite's integer average (halves away from zero); int32."""
+    """(acc +- count/2) / count with C truncation: TFLite's integer average (halves away from zero); int32.
+
+    One elementwise block (``count`` a scalar or a constant broadcast against ``acc``).
+    """
     count = np.asarray(count, np.int32)
-    half = count // 2
-    c = const(count, "int32") if count.ndim == 0 else array_const(count)
-    h = const(half, "int32") if half.ndim == 0 else array_const(half)
-    zero = const(0, "int32")
-    positive = R.floor_divide(R.add(acc, h), c)
-    negative = R.negative(R.floor_divide(R.subtract(h, acc), c))
-    return bb.emit(R.where(R.greater(acc, zero), positive, negative))
+    per_position = count.ndim > 0
+
+    def compute(total: te.Tensor, *counts: te.Tensor) -> te.Tensor:
+        def body(*index):
+            if per_position:
+                c = counts[0][tuple(i if int(n) > 1 else 0 for i, n in zip(index, counts[0].shape))]
+            else:
+                c = tirx.const(int(count), "int32")
+            half = tirx.truncdiv(c, tirx.const(2, "int32"))
+            v = total(*index)
+            # both dividends are non-negative where they are used: truncation = C's division
+            return tirx.Select(v > 0, tirx.truncdiv(v + half, c), -tirx.truncdiv(half - v, c))
+
+        return te.compute(total.shape, body, name="rounded_division")
+
+    return bb.emit_te(compute, acc, *([array_const(count)] if per_position else []))
