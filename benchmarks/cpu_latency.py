@@ -1,7 +1,8 @@
 """CPU latency of the shared TFLite models: edgeq default schedules vs stock TVM vs TFLite.
 
 One table per model: median latency over repeated runs and the ratio to the TFLite reference
-interpreter (XNNPACK, same thread count). Rows:
+interpreter (XNNPACK, same thread count), every runtime timed in the same rounds (a few runs of each
+in turn). Rows:
 
 * ``edgeq``       -- stock ``from_tflite`` import (QDQ float for quantized models), built with
                      :func:`edgeq.schedules.build_cpu`;
@@ -29,18 +30,24 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO.parent / "shared" / "models" / "tflite"
-DEFAULT_MODELS = ("efficientnet_lite0_uint8.tflite", "mltk_rps96_float32.tflite", "mltk_rps96_int8.tflite")
+DEFAULT_MODELS = tuple(sorted(p.name for p in MODELS.glob("*.tflite"))) if MODELS.is_dir() else ()
 
 
-def _median_ms(run: Callable[[], object], repeat: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def _interleaved_medians(runs: list[tuple[Callable[[], object], int]], burst: int = 3, warmup: int = 3) -> list[float]:
+    """Median ms of each ``(run, repeat)``, timed in rounds of ``burst`` runs of each runtime in turn,
+    so that a slow spell of a shared machine falls on all runtimes alike rather than on one row
+    (bursts keep each runtime's worker threads awake as in a steady stream of inferences)."""
+    for run, _ in runs:
+        for _ in range(warmup):
+            run()
+    times: list[list[float]] = [[] for _ in runs]
+    while any(len(samples) < repeat for (_, repeat), samples in zip(runs, times)):
+        for (run, repeat), samples in zip(runs, times):
+            for _ in range(min(burst, repeat - len(samples))):
+                start = time.perf_counter()
+                run()
+                samples.append(time.perf_counter() - start)
+    return [statistics.median(samples) * 1e3 for samples in times]
 
 
 def _inputs(shapes_dtypes: list[tuple[list[int], str]]) -> list[np.ndarray]:
@@ -81,6 +88,11 @@ def bench_model(
     from edgeq.schedules import build_cpu
 
     rows: list[tuple[str, float | None, str]] = []
+    timed: list[tuple[int, Callable[[], object], int]] = []  # (row, run, repeat): timed together at the end
+
+    def add(name: str, run: Callable[[], object], note: str = "", runs: int = repeat) -> None:
+        timed.append((len(rows), run, runs))
+        rows.append((name, None, note))
     log = lambda msg: print(f"  ... {msg}", file=sys.stderr, flush=True)  # noqa: E731
     interp = Interpreter(model_path=str(path), num_threads=threads)
     interp.allocate_tensors()
@@ -97,8 +109,7 @@ def bench_model(
     log("edgeq build")
     start = time.perf_counter()
     executable = build_cpu(mod, target)
-    rows.append(("edgeq QDQ-float (stock import)", _median_ms(_tvm_runner(executable, inputs), repeat),
-                 f"build {time.perf_counter() - start:.1f} s"))
+    add("edgeq QDQ-float (stock import)", _tvm_runner(executable, inputs), f"build {time.perf_counter() - start:.1f} s")
     if "int8" in path.name or "uint8" in path.name:
         try:
             from edgeq.int8 import import_integer
@@ -107,21 +118,22 @@ def bench_model(
 
             imod, _report = import_integer(str(path))
             executable = build_cpu(imod, target)
-            rows.append(("edgeq int8 (import_integer)",
-                         _median_ms(_tvm_runner(executable, _inputs(_relax_inputs(imod))), repeat), ""))
+            add("edgeq int8 (import_integer)", _tvm_runner(executable, _inputs(_relax_inputs(imod))))
             if tuning_db is not None:
                 log("int8 build with the tuning database")
                 executable = build_cpu(imod, target, tuning_db=tuning_db)
-                rows.append(("edgeq int8 tuned (--tuning-db)",
-                             _median_ms(_tvm_runner(executable, _inputs(_relax_inputs(imod))), repeat), ""))
+                add("edgeq int8 tuned (--tuning-db)", _tvm_runner(executable, _inputs(_relax_inputs(imod))))
         except Exception as err:  # noqa: BLE001  (a benchmark row, not a product path)
             rows.append(("edgeq int8 (import_integer)", None, f"{type(err).__name__}: {str(err)[:60]}"))
     if stock:
         log("stock build")
         executable = tvm.compile(mod, target=target)
-        rows.append(("stock TVM (cpu_generic)", _median_ms(_tvm_runner(executable, inputs), max(3, repeat // 5)), ""))
-    log("reference")
-    rows.append(("TFLite reference", _median_ms(run_ref, repeat), f"{threads} threads, XNNPACK"))
+        add("stock TVM (cpu_generic)", _tvm_runner(executable, inputs), runs=max(3, repeat // 5))
+    add("TFLite reference", run_ref, f"{threads} threads, XNNPACK")
+    log("timing, a few runs of each in turn")
+    medians = _interleaved_medians([(run, runs) for _, run, runs in timed])
+    for (row, _, _), ms in zip(timed, medians):
+        rows[row] = (rows[row][0], ms, rows[row][2])
     return rows
 
 
@@ -167,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {'runtime':<30} | {'median ms':>9} | {'x reference':>11} | note")
         print(f"|{'-' * 32}|{'-' * 11}|{'-' * 13}|-----")
         for name, ms, note in rows:
-            shown = f"{ms:9.2f}" if ms is not None else f"{'-':>9}"
+            shown = f"{'-':>9}" if ms is None else f"{ms:9.3f}" if ms < 1 else f"{ms:9.2f}"
             ratio = f"{ms / ref:11.2f}" if ms is not None and ref else f"{'-':>11}"
             print(f"| {name:<30} | {shown} | {ratio} | {note}")
     return 0
