@@ -234,3 +234,25 @@ def test_padding_joins_the_producing_kernel() -> None:
     _, fill, tiles = conv.split("T.parallel(")  # the border fill, then the conv tiles with the interior copy
     assert '_pad_const")' in fill and '_pad_const")' not in tiles
     assert 'conv2d_nhwc_update")' in tiles and 'sblock("PadInput")' in tiles
+
+
+def test_three_channel_elementwise_is_vectorized_across_pixels() -> None:
+    """An RGB image's elementwise kernel (3 channels, narrower than a vector) runs its pixels' channels
+    as one contiguous vectorized run; a per-channel constant keeps the loops apart (it would gather)."""
+    def module(per_channel: bool) -> tvm.IRModule:
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType((1, 48, 48, 3), "float32"))
+        scale = relax.const(np.array([0.5, 0.25, 2.0] if per_channel else 0.5, "float32"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                out = bb.emit_output(relax.op.astype(relax.op.multiply(x, scale), "int32"))
+            bb.emit_func_output(out)
+        return bb.get()
+
+    (scalar,) = _scheduled_prim_funcs(module(False), X86).values()
+    assert "T.vectorized(" in scalar and "T.parallel(" in scalar
+    (channels,) = _scheduled_prim_funcs(module(True), X86).values()
+    assert "T.vectorized(" not in channels
+    inputs = _random_inputs(module(False))
+    np.testing.assert_array_equal(_run(build_cpu(module(False), X86), inputs)[0],
+                                  _run(tvm.compile(module(False), target=X86), inputs)[0])

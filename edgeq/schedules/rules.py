@@ -263,14 +263,19 @@ def inline_injective(sch: s_tir.Schedule) -> None:
 def _schedule_elementwise(sch: s_tir.Schedule, block: SBlockRV, info: CpuInfo) -> None:
     """Vectorize the innermost loop in register-sized chunks, run the outer loops in parallel.
 
-    Only the innermost axis is vectorized: fusing it with outer axes would turn contiguous
-    accesses into div/mod index arithmetic that LLVM turns into gathers.
+    Only the innermost axis is vectorized - fusing it with outer axes would turn contiguous
+    accesses into div/mod index arithmetic that LLVM turns into gathers - unless it is narrower
+    than a vector (an RGB image's 3 channels) and every access covers it whole: then rows fuse
+    into one contiguous run (see :func:`_rows_contiguous`).
     """
     loops = sch.get_loops(block)
     extents = [_int_extent(sch, loop) for loop in loops]
     if not loops or any(e is None for e in extents):
         return
     lanes = info.lanes(_widest_dtype(sch, block))
+    if len(loops) >= 2 and extents[-1] < _MIN_VECTOR_LANES and _rows_contiguous(sch, block):
+        loops = [*loops[:-2], sch.fuse(loops[-2], loops[-1])]
+        extents = [*extents[:-2], extents[-2] * extents[-1]]
     inner = _vector_tile(extents[-1], lanes)
     outer = list(loops)
     if inner:
@@ -287,6 +292,29 @@ def _schedule_elementwise(sch: s_tir.Schedule, block: SBlockRV, info: CpuInfo) -
         total *= e
     if total >= _MIN_PARALLEL_ELEMS and info.num_cores > 1 and (_int_extent(sch, fused) or 0) > 1:
         sch.parallel(fused)
+
+
+def _rows_contiguous(sch: s_tir.Schedule, block: SBlockRV) -> bool:
+    """Whether every buffer ``block`` reads or writes is indexed ``[..., row + k, col]`` by its last
+    two iteration variables with ``col`` spanning the buffer's whole last axis (or is a scalar):
+    fusing row and col then walks each buffer contiguously (a pad's interior copy qualifies;
+    per-channel constants, indexed by col alone, do not)."""
+    stmt = sch.get(block)
+    if len(stmt.iter_vars) < 2:
+        return False
+    row, col = stmt.iter_vars[-2], stmt.iter_vars[-1]
+    analyzer = tvm.sym.Analyzer()
+    for region in list(stmt.reads) + list(stmt.writes):
+        buffer, ranges = region.source, region.region
+        if not ranges:
+            continue  # a scalar, broadcast to every element
+        if len(ranges) < 2 or not ranges[-1].min.same_as(col.var):
+            return False
+        if int(buffer.shape[-1]) != int(col.dom.extent):
+            return False
+        if not isinstance(analyzer.simplify(ranges[-2].min - row.var), tirx.IntImm):
+            return False
+    return True
 
 
 def _schedule_reduction_generic(sch: s_tir.Schedule, block: SBlockRV, info: CpuInfo) -> None:
