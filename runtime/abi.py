@@ -89,6 +89,17 @@ MODULE = 73
 # Size of TVMFFIObject, the header that precedes every object's payload.
 OBJECT_HEADER_BYTES = 24
 
+
+def payload(ffi, handle, ctype: str):
+    """``handle``'s payload (what follows the object header) as a ``ctype`` pointer, in ``ffi``."""
+    return ffi.cast(ctype, ffi.cast("char*", handle) + OBJECT_HEADER_BYTES)
+
+
+def byte_array_payload(ffi, handle) -> bytes:
+    """The bytes of a String or Bytes object (its payload is a TVMFFIByteArray)."""
+    cell = payload(ffi, handle, "TVMFFIByteArray*")
+    return bytes(ffi.buffer(cell.data, cell.size))
+
 # DLPack device types and data type codes.
 DEVICE_CPU = 1
 DEVICE_CUDA = 2

@@ -174,7 +174,7 @@ class RuntimeLibrary:
 
     def tensor_to_numpy(self, tensor: Object) -> np.ndarray:
         """Copy a CPU tensor object's contents into a new numpy array."""
-        dl = _ffi.cast("DLTensor*", _ffi.cast("char*", tensor.handle) + abi.OBJECT_HEADER_BYTES)
+        dl = abi.payload(_ffi, tensor.handle, "DLTensor*")
         if dl.device.device_type != abi.DEVICE_CPU:
             raise TVMError("ValueError", "only CPU tensors can be read back directly")
         key = (dl.dtype.code, dl.dtype.bits)
@@ -193,7 +193,7 @@ class RuntimeLibrary:
 
     def tensor_info(self, tensor: Object) -> tuple[int, int, tuple[int, ...], np.dtype]:
         """(device type, device id, shape, dtype) of a tensor object."""
-        dl = _ffi.cast("DLTensor*", _ffi.cast("char*", tensor.handle) + abi.OBJECT_HEADER_BYTES)
+        dl = abi.payload(_ffi, tensor.handle, "DLTensor*")
         key = (dl.dtype.code, dl.dtype.bits)
         if key not in _DL_TO_NUMPY or dl.dtype.lanes != 1:
             raise TVMError("TypeError", f"unsupported output dtype code={key[0]} bits={key[1]}")
@@ -249,20 +249,12 @@ class RuntimeLibrary:
             return float(result.v_float64)
         if index == abi.SMALL_STR:
             return bytes(_ffi.buffer(result.v_bytes, result.zero_padding)).decode()
-        if index == abi.STR:
-            obj = Object(self, result.v_obj, index)
-            cell = _ffi.cast(
-                "TVMFFIByteArray*", _ffi.cast("char*", obj.handle) + abi.OBJECT_HEADER_BYTES
-            )
-            return bytes(_ffi.buffer(cell.data, cell.size)).decode()
         if index == abi.SMALL_BYTES:
             return bytes(_ffi.buffer(result.v_bytes, result.zero_padding))
-        if index == abi.BYTES:
-            obj = Object(self, result.v_obj, index)
-            cell = _ffi.cast(
-                "TVMFFIByteArray*", _ffi.cast("char*", obj.handle) + abi.OBJECT_HEADER_BYTES
-            )
-            return bytes(_ffi.buffer(cell.data, cell.size))
+        if index in (abi.STR, abi.BYTES):
+            obj = Object(self, result.v_obj, index)  # released when it goes out of scope
+            data = abi.byte_array_payload(_ffi, obj.handle)
+            return data.decode() if index == abi.STR else data
         if index >= abi.STATIC_OBJECT_BEGIN:
             cls = Function if index == abi.FUNCTION else Object
             return cls(self, result.v_obj, index)
@@ -277,9 +269,7 @@ class RuntimeLibrary:
         self.c.TVMFFIErrorMoveFromRaised(handle)
         if handle[0] == _ffi.NULL:
             raise TVMError("RuntimeError", f"TVM call failed with status {status}")
-        cell = _ffi.cast(
-            "TVMFFIErrorCellPrefix*", _ffi.cast("char*", handle[0]) + abi.OBJECT_HEADER_BYTES
-        )
+        cell = abi.payload(_ffi, handle[0], "TVMFFIErrorCellPrefix*")
         kind = bytes(_ffi.buffer(cell.kind.data, cell.kind.size)).decode(errors="replace")
         message = bytes(_ffi.buffer(cell.message.data, cell.message.size)).decode(errors="replace")
         self.c.TVMFFIObjectDecRef(handle[0])

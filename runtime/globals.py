@@ -54,10 +54,6 @@ class GlobalRegistry:
             # Let the runtime binding turn the raised error into an exception.
             self._runtime._check(status)
 
-    def _payload(self, obj: Any) -> bytes:
-        cell = self.ffi.cast("TVMFFIByteArray*", self.ffi.cast("char*", obj) + self._abi.OBJECT_HEADER_BYTES)
-        return bytes(self.ffi.buffer(cell.data, cell.size))
-
     def _from_any(self, any_: Any) -> Any:
         abi, ffi, index = self._abi, self.ffi, any_.type_index
         if index == abi.NONE:
@@ -75,7 +71,7 @@ class GlobalRegistry:
             data = bytes(ffi.buffer(any_.v_bytes, any_.zero_padding))
             return data.decode() if index == abi.SMALL_STR else data
         if index in (abi.STR, abi.BYTES):
-            data = self._payload(any_.v_obj)
+            data = abi.byte_array_payload(ffi, any_.v_obj)
             return data.decode() if index == abi.STR else data
         raise TypeError(f"unsupported argument type index {index}")
 
