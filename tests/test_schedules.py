@@ -238,7 +238,8 @@ def test_padding_joins_the_producing_kernel() -> None:
 
 def test_three_channel_elementwise_is_vectorized_across_pixels() -> None:
     """An RGB image's elementwise kernel (3 channels, narrower than a vector) runs its pixels' channels
-    as one contiguous vectorized run; a per-channel constant keeps the loops apart (it would gather)."""
+    as one contiguous vectorized run; a per-channel constant keeps the loops apart (it would gather),
+    and the channel loop is unrolled instead."""
     def module(per_channel: bool) -> tvm.IRModule:
         bb = relax.BlockBuilder()
         x = relax.Var("x", relax.TensorType((1, 48, 48, 3), "float32"))
@@ -252,7 +253,7 @@ def test_three_channel_elementwise_is_vectorized_across_pixels() -> None:
     (scalar,) = _scheduled_prim_funcs(module(False), X86).values()
     assert "T.vectorized(" in scalar and "T.parallel(" in scalar
     (channels,) = _scheduled_prim_funcs(module(True), X86).values()
-    assert "T.vectorized(" not in channels
+    assert "T.vectorized(" not in channels and "T.unroll(" in channels  # 3 channels unrolled, pixels parallel
     inputs = _random_inputs(module(False))
     np.testing.assert_array_equal(_run(build_cpu(module(False), X86), inputs)[0],
                                   _run(tvm.compile(module(False), target=X86), inputs)[0])

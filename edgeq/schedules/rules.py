@@ -49,6 +49,8 @@ _DOT_VEC_CHOICES = (4, 3, 2, 1)
 # TVM allocates a kernel's temporary buffers on the stack only below this size (LowerTVMBuiltin's
 # kMaxStackAlloca); a larger register tile's accumulator became a heap allocation per tile.
 _MAX_STACK_BYTES = 1024
+# Innermost loops up to this extent are unrolled when they cannot be vectorized.
+_MAX_UNROLLED_INNER = 8
 # Narrowest vector (in elements) used when a channel count is not a multiple of the full width.
 _MIN_VECTOR_LANES = 4
 
@@ -284,6 +286,10 @@ def _schedule_elementwise(sch: s_tir.Schedule, block: SBlockRV, info: CpuInfo) -
         else:
             vec = outer.pop()
         sch.vectorize(vec)
+    elif len(outer) > 1 and extents[-1] <= _MAX_UNROLLED_INNER:
+        # A short axis that cannot be vectorized: unrolled, so that fusing the outer loops does
+        # not put a division and a modulo into every element's index.
+        sch.unroll(outer.pop())
     if not outer:
         return
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
