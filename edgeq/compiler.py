@@ -147,8 +147,10 @@ def import_onnx(model: OnnxModel) -> Any:
 def import_model(model: SourceModel, options: CompileOptions) -> tuple[Any, dict[str, Any]]:
     """Relax module for ``model`` and a report of how it was imported.
 
-    Quantized TFLite models go through edgeq's integer importer; if it cannot lower the model,
-    TVM's stock importer (dequantize -> float -> quantize) takes over and the report says why.
+    Quantized TFLite models go through edgeq's integer importer (an op it has no integer kernel
+    for runs alone in TVM's dequantize -> float -> quantize, named in the report); if it cannot
+    lower the model at all (an op variant it refuses, several subgraphs), TVM's stock importer
+    takes over for the whole model and the report says why.
     ONNX models go through TVM's ONNX importer (QDQ models in its dequantize -> float -> quantize
     lowering).
     """
