@@ -7,7 +7,7 @@ producer writes the tensor, a pad kernel copies it into a bordered one. Both are
 their *input* (each output element reads at most one input element at the same or a shifted
 position), so this pass labels them elementwise: they join the producer's kernel, where the
 anchored schedule writes the conv's tiles straight into the padded buffer
-(:func:`.rules.decompose_pads`).
+(:func:`.rules.split_pad_fills`).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tvm import relax, s_tir, tirx
 _ELEMWISE = 0  # relax OpPatternKind.kElemWise
 _INJECTIVE = 2
 _OPAQUE = 8
-_IF_THEN_ELSE = ("tirx.if_then_else", "prim.if_then_else")
+IF_THEN_ELSE = ("tirx.if_then_else", "prim.if_then_else")  # the op's name, old and as TVM 0.27 registers it
 
 
 def _single_block_value(func: tirx.PrimFunc) -> tuple[s_tir.SBlock, tvm.ir.Expr] | None:
@@ -34,7 +34,7 @@ def _single_block_value(func: tirx.PrimFunc) -> tuple[s_tir.SBlock, tvm.ir.Expr]
 
 def is_pad_value(value: tvm.ir.Expr) -> bool:
     """Whether a stored value is ``if_then_else(in bounds, in[index], constant)``."""
-    if not (isinstance(value, tvm.ir.Call) and getattr(value.op, "name", "") in _IF_THEN_ELSE):
+    if not (isinstance(value, tvm.ir.Call) and getattr(value.op, "name", "") in IF_THEN_ELSE):
         return False
     _, inside, outside = value.args
     return isinstance(inside, tvm.ir.expr.TensorLoad) and isinstance(outside, (tirx.IntImm, tirx.FloatImm))

@@ -27,7 +27,7 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV
 from tvm.s_tir.schedule.analysis import is_output_block
 
 from .dotprod import DotProduct, dot_for, tensorize_dot
-from .fusion import is_pad_value
+from .fusion import IF_THEN_ELSE, is_pad_value
 from .target import CpuInfo
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ _MAX_INLINED_NODES = 64
 _MAX_DUPLICATED_NODES = 64
 # Functions whose largest loop nest is smaller than this keep the default (unscheduled) code.
 _MIN_SCHEDULED_ELEMS = 512
-_CHEAP_CALLS = ("tirx.if_then_else", "prim.if_then_else")
+_CHEAP_CALLS = IF_THEN_ELSE
 # Vector tiles are 4, 2 or 1 registers: odd multiples (24 floats) made LLVM emit slow shuffles.
 _VEC_CHOICES = (4, 2, 1)
 _DOT_VEC_CHOICES = (4, 3, 2, 1)
