@@ -129,6 +129,13 @@ class TFLiteBuilder:
         """Add any builtin op; ``options`` are the fields of its options table, e.g. ``StrideW=2``."""
         self.ops.append(_OpSpec(name, tuple(inputs), tuple(outputs), options))
 
+    def op_output(self, shape: Sequence[int], name: str, inputs: Sequence[int], *, dtype: str,
+                  quant: Q | None = None, **options) -> int:
+        """Add any builtin op with one new output tensor (``shape``, ``dtype``, ``quant``); return its index."""
+        y = self.tensor(shape, dtype, quant)
+        self.op(name, inputs, [y], **options)
+        return y
+
     # --- op helpers ----------------------------------------------------------------------------------
     def conv2d(self, x: int, weights: int, bias: int | None, out: Q, stride=1, padding: str = "SAME",
                activation: str = "NONE", dilation=1, out_dtype: str | None = None) -> int:

@@ -6,6 +6,7 @@ against TFLite's reference interpreter -- on the shared rock/paper/scissors floa
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -139,10 +140,7 @@ def _every_float_lowering(path: Path) -> Path:
     def w(*shape, scale=0.3):
         return b.constant(rng.normal(0, scale, shape).astype(np.float32))
 
-    def t(shape, op, inputs, **options):
-        y = b.tensor(shape, "float32")
-        b.op(op, inputs, [y], **options)
-        return y
+    t = functools.partial(b.op_output, dtype="float32")  # t(shape, op, inputs, **options)
 
     x = b.input((1, 12, 12, 3), "float32", name="image")
     c1 = b.conv2d(x, w(8, 3, 3, 3), w(8, scale=0.1), None, stride=2, padding="SAME", activation="RELU6")

@@ -296,17 +296,15 @@ def test_small_network_with_float_io(tmp_path):
 
 
 def _leaky_relu(b: TFLiteBuilder, y: int, out: Q) -> int:
-    z = b.tensor(b.shape(y), b.dtype(y), out)
-    b.op("LEAKY_RELU", [y], [z], Alpha=0.2)
-    return z
+    return b.op_output(b.shape(y), "LEAKY_RELU", [y], dtype=b.dtype(y), quant=out, Alpha=0.2)
 
 
 def _resize_bilinear(b: TFLiteBuilder, y: int, _out: Q) -> int:
     n, h, w, c = b.shape(y)
     size = b.constant(np.array([2 * h - 1, 2 * w + 3], np.int32))
-    z = b.tensor((n, 2 * h - 1, 2 * w + 3, c), b.dtype(y), b.quant(y))  # TFLite keeps the input's quantization
-    b.op("RESIZE_BILINEAR", [y, size], [z], AlignCorners=False, HalfPixelCenters=True)
-    return z
+    # TFLite keeps the input's quantization
+    return b.op_output((n, 2 * h - 1, 2 * w + 3, c), "RESIZE_BILINEAR", [y, size], dtype=b.dtype(y), quant=b.quant(y),
+                       AlignCorners=False, HalfPixelCenters=True)
 
 
 @pytest.mark.parametrize("op, max_steps", [("LEAKY_RELU", 1), ("RESIZE_BILINEAR", 2)])
