@@ -500,8 +500,17 @@ def _tensorize_or_vectorize(sch: s_tir.Schedule, update: SBlockRV, dot: DotProdu
 
 
 def _vectorize_innermost(sch: s_tir.Schedule, block: SBlockRV) -> None:
-    """Vectorize the innermost loop of ``block`` if its extent is a power of two (2..64)."""
+    """Vectorize the innermost loop of ``block`` if its extent is a power of two (2..64); an extent
+    that is not (a tile of 3 vectors: 24 or 48 channels) runs as unrolled vectors of the largest
+    power of two dividing it."""
     loops = sch.get_loops(block)
     extent = _int_extent(sch, loops[-1]) if loops else None
-    if extent is not None and 1 < extent <= 64 and extent & (extent - 1) == 0:
+    if extent is None or extent < 2:
+        return
+    width = extent & -extent  # largest power of two dividing the extent
+    if width == extent and extent <= 64:
         sch.vectorize(loops[-1])
+    elif 4 <= width <= 64 and extent <= 4 * 64:
+        vectors, lanes = sch.split(loops[-1], [None, width])
+        sch.unroll(vectors)
+        sch.vectorize(lanes)
