@@ -84,6 +84,20 @@ def stem_module() -> tvm.IRModule:
     return _module((1, 24, 24, 3), body)
 
 
+def grayscale_module(kernel: int = 3, stride: int = 2, channels: int = 24) -> tvm.IRModule:
+    """A one-channel image (explicitly padded) into a ``kernel`` x ``kernel`` conv: the dot kernels
+    group its width taps instead of padding the channel to the group size."""
+    weight = _int8(kernel, kernel, 1, channels)
+
+    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        padded = bb.emit(relax.op.nn.pad(x, pad_width=[0, 0, 1, 1, 1, 1, 0, 0], pad_value=-9.0))
+        acc = bb.emit(relax.op.nn.conv2d(padded, relax.const(weight), strides=stride, data_layout="NHWC",
+                                         kernel_layout="HWIO", out_dtype="int32"))
+        return _requant(bb, acc, 1_400_000_000, 36)
+
+    return _module((1, 31, 32, 1), body)
+
+
 def depthwise_module() -> tvm.IRModule:
     """3x3 depthwise (groups = channels) int8 conv2d, stride 2, integer requantization."""
     weight = _int8(3, 3, 24, 1)
@@ -166,9 +180,10 @@ def test_builds_for_aarch64_neon() -> None:
 @pytest.mark.parametrize(
     "make",
     [conv_module, lambda: conv_module("HWIO", stride=2), conv_padded_output_module,
-     lambda: conv_padded_output_module(before=1), depthwise_module, dense_module, pointwise_module, stem_module],
+     lambda: conv_padded_output_module(before=1), depthwise_module, dense_module, pointwise_module, stem_module,
+     grayscale_module, lambda: grayscale_module(kernel=5, stride=1, channels=16)],
     ids=["conv-ohwi", "conv-hwio-s2", "conv-padded-output", "conv-padded-output-shifted", "depthwise", "dense",
-         "pointwise", "stem"],
+         "pointwise", "stem", "grayscale-3x3-s2", "grayscale-5x5"],
 )
 def test_int8_outputs_bit_identical(make: object, target: tvm.target.Target) -> None:
     if not _host_has(target):
@@ -194,11 +209,12 @@ def test_float_rps96_matches_unscheduled() -> None:
 
 
 @pytest.mark.parametrize("target,instruction", [(X86, "vpmaddwd"), (VNNI, "vpdpbusd")], ids=["avx2", "vnni"])
-@pytest.mark.parametrize("make", [pointwise_module, dense_module, stem_module], ids=["pointwise", "dense", "stem"])
+@pytest.mark.parametrize("make", [pointwise_module, dense_module, stem_module, grayscale_module],
+                         ids=["pointwise", "dense", "stem", "grayscale"])
 def test_int8_kernels_use_dot_product_instructions(make: object, target: tvm.target.Target, instruction: str,
                                                    tmp_path: Path) -> None:
-    """1x1 conv, dense and a 3-channel stem run on the ISA's integer dot product: VNNI vpdpbusd,
-    else AVX2 vpmaddwd."""
+    """1x1 conv, dense, a 3-channel stem and a one-channel image's conv run on the ISA's integer
+    dot product: VNNI vpdpbusd, else AVX2 vpmaddwd."""
     if shutil.which("objdump") is None:
         pytest.skip("objdump missing (binutils)")
     library = tmp_path / "lib.so"

@@ -235,6 +235,26 @@ def _dot_conv2d(data: te.Tensor, packed: te.Tensor, strides, dilation) -> te.Ten
     )
 
 
+def _dot_conv2d_width_grouped(data: te.Tensor, packed: te.Tensor, strides, dilation_h: int, out_w: int) -> te.Tensor:
+    """conv2d on a one-channel image (``data`` is ``[N, H, W]``) whose reduction groups run along
+    the width: group ``g`` of output pixel ``x`` is the ``depth`` contiguous pixels from
+    ``x * stride_w + g * depth``, the kernel's width taps (zero-weighted past the filter's width)."""
+    n, height, _ = (int(s) for s in data.shape)
+    kh, _, blocks, units, depth = (int(s) for s in packed.shape)
+    out_h = (height - (kh - 1) * dilation_h - 1) // strides[0] + 1
+    rh = te.reduce_axis((0, kh), "rh")
+    rco, rci = te.reduce_axis((0, blocks), "rco"), te.reduce_axis((0, depth), "rci")
+    return te.compute(
+        (n, out_h, out_w, units),
+        lambda b, y, x, f: te.sum(
+            data[b, y * strides[0] + rh * dilation_h, x * strides[1] + rco * depth + rci].astype("int32")
+            * packed[rh, 0, rco, f, rci].astype("int32"),
+            axis=[rh, rco, rci],
+        ),
+        name="dot_conv2d",
+    )
+
+
 def _dot_matmul(data: te.Tensor, packed: te.Tensor) -> te.Tensor:
     rows = int(data.shape[0])
     blocks, units, depth = (int(s) for s in packed.shape)
@@ -280,19 +300,64 @@ class _Packer(PyExprMutator):
         if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NHWC", "HWIO", "NHWC"):
             return None
         values = _weight_values(weight, self.dot)
-        # Input channels are padded to whole groups when fewer than half of them would be padding
-        # (3 -> 4: an RGB stem); one channel (or two of four) stays on the widening kernel, which
-        # measured faster (rps96's 1-channel first conv: the whole model took 133 us padded, 76 us not).
-        fill = values is not None and values.ndim == 4 and -values.shape[2] % self.dot.depth < values.shape[2]
-        if values is None or values.ndim != 4 or not self._fits(data, str(attrs.out_dtype), values, pad_channels=fill):
+        if values is None or values.ndim != 4 or not self._fits(data, str(attrs.out_dtype), values, pad_channels=True):
             return None
-        missing = -values.shape[2] % self.dot.depth
-        if missing:  # e.g. an RGB stem conv: a zero weight makes the extra input channel contribute nothing
-            values = np.concatenate([values, np.zeros(values.shape[:2] + (missing, values.shape[3]), values.dtype)], axis=2)
-            data = self.builder_.emit(R.nn.pad(data, [0, 0, 0, 0, 0, 0, 0, missing], pad_value=0.0))
         strides = [int(s) for s in attrs.strides]
         dilation = [int(d) for d in attrs.dilation]
+        kw, channels = values.shape[1], values.shape[2]
+        missing = -channels % self.dot.depth
+        if missing >= channels:  # one or two input channels: a group would be mostly padding
+            if kw == 1 or channels != 1 or dilation[1] != 1:
+                return None
+            return self._width_grouped(data, values, strides, dilation[0])
+        if missing:  # e.g. an RGB stem: 3 -> 4 channels, a zero weight makes the 4th contribute nothing
+            values = np.concatenate([values, np.zeros(values.shape[:2] + (missing, values.shape[3]), values.dtype)], axis=2)
+            # A pad of its own: merged into a pad before it, the copy of the interior would write
+            # 3 of every 4 bytes, which does not vectorize (VWW's input kernel took twice as long).
+            data = self.builder_.emit(R.nn.pad(data, [0, 0, 0, 0, 0, 0, 0, missing], pad_value=0.0))
         return self._emit(_dot_conv2d, data, values, strides, dilation)
+
+    def _width_grouped(self, data: relax.Expr, values: np.ndarray, strides, dilation_h: int) -> relax.Expr:
+        """A conv on one input channel, its width taps grouped for the dot product (3 taps -> one
+        group of 4, the 4th weight zero): the group's pixels are contiguous, no gather needed."""
+        width = _shape(data)[2]
+        kh, kw, _, units = values.shape
+        depth = self.dot.depth
+        blocks = -(-kw // depth)
+        grouped = np.zeros((kh, 1, blocks * depth, units), values.dtype)
+        grouped[:, 0, :kw] = values[:, :, 0]
+        out_w = (width - kw) // strides[1] + 1
+        # The image goes [N, H, W]; its pad (if any) last, so that the pad keeps its border fill.
+        pad = self._pad_source(data)
+        source = pad.args[0] if pad is not None else data
+        widths = [int(w) for w in pad.attrs.pad_width][:6] if pad is not None else [0] * 6
+        value = float(pad.attrs.pad_value) if pad is not None else 0.0
+        # The last pixel's last group may reach past the row: more columns (their weights are zero).
+        widths[5] += max((out_w - 1) * strides[1] + blocks * depth - width, 0)
+        if self.dot.data_dtype == "uint8":
+            source, value = self._to_uint8(source), value + 128.0
+        image = self.builder_.emit(R.squeeze(source, [3]))
+        if any(widths):
+            image = self.builder_.emit(R.nn.pad(image, widths, pad_value=value))
+        return self._emit(_dot_conv2d_width_grouped, image, grouped, strides, dilation_h, out_w, shifted=True)
+
+    def _pad_source(self, data: relax.Expr) -> relax.Call | None:
+        """The constant ``nn.pad`` call bound to ``data``, if it is one."""
+        source = self.lookup_binding(data) if isinstance(data, relax.Var) else None
+        if isinstance(source, relax.Call) and getattr(source.op, "name", "") == "relax.nn.pad":
+            if str(source.attrs.pad_mode) == "constant":
+                return source
+        return None
+
+    def _to_uint8(self, data: relax.Expr) -> relax.Expr:
+        """``data + 128`` as uint8. The shift of a padded tensor goes before the pad (whose value
+        shifts too), so that the pad stays last in its kernel and keeps its cheap border fill."""
+        pad = self._pad_source(data)
+        if pad is not None:
+            inner = self._to_uint8(pad.args[0])
+            value = float(pad.attrs.pad_value) + 128.0
+            return self.builder_.emit(R.nn.pad(inner, [int(w) for w in pad.attrs.pad_width], pad_value=value))
+        return self.builder_.emit(R.astype(R.add(R.astype(data, "int16"), relax.const(128, "int16")), "uint8"))
 
     def _matmul(self, call: relax.Call) -> relax.Expr | None:
         data, weight = call.args
@@ -304,16 +369,15 @@ class _Packer(PyExprMutator):
             return None
         return self._emit(_dot_matmul, data, values)
 
-    def _emit(self, kernel, data: relax.Expr, values: np.ndarray, *options) -> relax.Expr:
-        """``kernel`` (a TE compute) on ``data`` and the packed ``values``, shifted to uint8 if needed."""
+    def _emit(self, kernel, data: relax.Expr, values: np.ndarray, *options, shifted: bool = False) -> relax.Expr:
+        """``kernel`` (a TE compute) on ``data`` (shifted to uint8 here unless ``shifted``) and the packed ``values``."""
         self.rewritten += 1
         packed = relax.const(_pack(values, self.dot.depth), self.dot.weight_dtype)
         name = kernel.__name__.lstrip("_")
         if self.dot.data_dtype == "int8":  # returned unbound, so that FuseOps sees the call itself
             return self.builder_.call_te(kernel, data, packed, *options, primfunc_name_hint=name)
         # vpdpbusd multiplies unsigned by signed bytes: x + 128 as uint8, then -128 * sum(w).
-        shifted = self.builder_.emit(R.astype(R.add(R.astype(data, "int16"), relax.const(128, "int16")), "uint8"))
-        acc = self.builder_.emit_te(kernel, shifted, packed, *options, primfunc_name_hint=name)
+        acc = self.builder_.emit_te(kernel, data if shifted else self._to_uint8(data), packed, *options, primfunc_name_hint=name)
         sums = values.reshape(-1, values.shape[-1]).astype(np.int64).sum(axis=0)
         return R.add(acc, relax.const((-128 * sums).astype(np.int32), "int32"))
 
@@ -332,7 +396,10 @@ class PackForDotProduct:
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 packer.builder_.update_func(gvar, packer.visit_expr(func))
-        return packer.builder_.get() if packer.rewritten else mod
+        if not packer.rewritten:
+            return mod
+        # A pad that a rewrite re-emitted (grown, or moved below the uint8 shift) is left unused.
+        return relax.transform.DeadCodeElimination()(packer.builder_.get())
 
 
 # ---------------------------------------------------------------- TIR: tensorize
