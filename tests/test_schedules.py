@@ -273,3 +273,12 @@ def test_three_channel_elementwise_is_vectorized_across_pixels() -> None:
     inputs = _random_inputs(module(False))
     np.testing.assert_array_equal(_run(build_cpu(module(False), X86), inputs)[0],
                                   _run(tvm.compile(module(False), target=X86), inputs)[0])
+
+
+def test_narrow_channel_epilogue_runs_on_full_vectors() -> None:
+    """24 int32 channels fill only half an AVX-512 register: the conv's requantization runs across
+    the tile's pixels on 16-lane vectors instead."""
+    funcs = _scheduled_prim_funcs(grayscale_module(), VNNI)
+    (conv,) = [text for name, text in funcs.items() if "conv2d" in name]
+    epilogue = conv[conv.rindex("T.call_llvm_pure_intrin(") :]  # after the tensorized dot product
+    assert "vpdpbusd" in conv and "T.vectorized(T.int64(16))" in epilogue

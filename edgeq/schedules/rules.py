@@ -470,7 +470,8 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
             # It needs more than the tile (a non-elementwise read): computing it per tile would
             # recompute it and race between threads. Start over, fusing only the blocks before.
             raise _FuseLimit(index)
-        _vectorize_innermost(sch, block)
+        if not _vectorize_across_pixels(sch, block, info, vec_tile, vec_extent, width_tile):
+            _vectorize_innermost(sch, block)
     if not is_output_block(sch, cache):
         try:
             sch.compute_inline(cache)
@@ -484,6 +485,25 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
         _vectorize_innermost(sch, init)
     if dot is not None:
         _tensorize_or_vectorize(sch, anchor, dot, v_inner)
+    return True
+
+
+def _vectorize_across_pixels(
+    sch: s_tir.Schedule, block: SBlockRV, info: CpuInfo, vec_tile: int, channels: int, width_tile: int
+) -> bool:
+    """Vectorize an epilogue block at the ISA's full width across pixels when its channels
+    (all of them in the tile) are narrower than that: 24 int32 channels run as 8-lane vectors,
+    but the tile's 8 pixels x 24 channels are 192 contiguous elements, 12 full 16-lane vectors."""
+    if vec_tile != channels or width_tile < 2:
+        return False
+    loops = sch.get_loops(block)
+    lanes = info.lanes(_widest_dtype(sch, block))
+    if channels % lanes == 0 or (width_tile * channels) % lanes:
+        return False
+    fused = sch.fuse(loops[-2], loops[-1])
+    vectors, inner = sch.split(fused, [None, lanes])
+    sch.unroll(vectors)
+    sch.vectorize(inner)
     return True
 
 
