@@ -247,7 +247,8 @@ def test_padding_joins_the_producing_kernel() -> None:
     funcs = _scheduled_prim_funcs(conv_padded_output_module(before=1), VNNI)
     assert not [name for name in funcs if name.startswith("pad")], sorted(funcs)
     (conv,) = [text for name, text in funcs.items() if "conv2d" in name and "pad" in name]
-    _, fill, tiles = conv.split("T.parallel(")  # the border fill, then the conv tiles with the interior copy
+    # the border fill first, then the parallel conv tiles with the interior copy
+    fill, tiles = conv[: conv.rindex("T.parallel(")], conv[conv.rindex("T.parallel(") :]
     assert '_pad_const")' in fill and '_pad_const")' not in tiles
     assert 'conv2d_nhwc_update")' in tiles and 'sblock("PadInput")' in tiles
 

@@ -19,6 +19,7 @@ additions, which are exact.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 import tvm
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 # Elementwise work below this many elements runs on one thread (pool wake-up costs ~µs).
 _MIN_PARALLEL_ELEMS = 4096
+# A pad's border fill smaller than this (elements) is one serial memset; a larger one is split
+# over the cores. (A one-channel image's fill has no vectorizable axis: it ran per byte.)
+_MIN_PARALLEL_FILL = 1 << 16
 # Largest register tile along the width axis.
 _MAX_WIDTH_TILE = 8
 # Inlining stops when a consumer's expression would grow past this many nodes: values read
@@ -206,7 +210,13 @@ def split_pad_fills(func: tirx.PrimFunc, info: CpuInfo) -> tuple[tirx.PrimFunc, 
             fill = sch.decompose_padding(block, sch.get_loops(block)[0])
         except s_tir.ScheduleError:
             continue
-        _schedule_elementwise(sch, fill, info)
+        loops = sch.get_loops(fill)
+        extents = [_int_extent(sch, loop) for loop in loops]
+        if all(e is not None for e in extents) and math.prod(extents) < _MIN_PARALLEL_FILL:
+            if len(loops) > 1:
+                sch.fuse(*loops)  # one flat loop: LLVM makes it a memset
+        else:
+            _schedule_elementwise(sch, fill, info)
         fills.append(fill)
     if not fills:
         return func, []
