@@ -41,7 +41,7 @@ def shape_of(x: relax.Expr) -> tuple[int, ...]:
 
 def clamp_cast(bb: relax.BlockBuilder, x: relax.Expr, lo: int, hi: int, dtype: str) -> relax.Expr:
     """Clamp an integer tensor to [lo, hi] (fused activation and type range) and narrow it to dtype."""
-    x = bb.emit(x)
+    x = x if isinstance(x, relax.Var) else bb.emit(x)
     src = dtype_of(x)
     x = R.minimum(R.maximum(x, const(lo, src)), const(hi, src))
     return bb.emit(R.astype(x, dtype))

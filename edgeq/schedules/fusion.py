@@ -78,6 +78,8 @@ class LabelPadsAndLookupsElementwise:
 def legalize_and_fuse_passes() -> list[tvm.transform.Pass]:
     """cpu_generic's legalization and fusion, with pads and lookups fused into their producers."""
     return [
+        # An alias binding (y = x) ends FuseOps' chain: an average pool's clamp stayed a kernel of its own.
+        relax.transform.CanonicalizeBindings(),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         LabelPadsAndLookupsElementwise(),
