@@ -134,11 +134,23 @@ def multiply_by_quantized_multiplier(
 
 
 def round_half_away_float(bb: relax.BlockBuilder, y: relax.Expr) -> relax.Expr:
-    """std::round on a float tensor, written without a float add on y so LLVM cannot fuse it into an FMA."""
-    dtype = dtype_of(y)
-    t = R.trunc(y)
-    away = R.greater_equal(R.abs(y), R.add(R.abs(t), const(0.5, dtype)))
-    return bb.emit(R.add(t, R.where(away, R.sign(y), const(0.0, dtype))))
+    """std::round on a float tensor, as one elementwise kernel stage (so that it inlines into its
+    consumer), written without a float add on y so LLVM cannot fuse it into an FMA."""
+
+    def compute(values: te.Tensor) -> te.Tensor:
+        dtype = str(values.dtype)
+
+        def element(*index):
+            v = tirx.Var("v", dtype)  # read once: the producer (x / scale) then inlines cheaply
+            t = tirx.trunc(v)
+            half = tirx.const(0.5, dtype)
+            one, zero = tirx.const(1.0, dtype), tirx.const(0.0, dtype)
+            away = tirx.Select(v < zero, -one, one)  # |v - t| >= 0.5 only where v != 0
+            return tirx.Let(v, values[index], t + tirx.Select(tirx.abs(v) >= tirx.abs(t) + half, away, zero))
+
+        return te.compute(values.shape, element, name="round_half_away")
+
+    return bb.emit_te(compute, y, primfunc_name_hint="round_half_away")
 
 
 def requantize_to(
