@@ -283,3 +283,36 @@ def test_narrow_channel_epilogue_runs_on_full_vectors() -> None:
     (conv,) = [text for name, text in funcs.items() if "conv2d" in name]
     epilogue = conv[conv.rindex("T.call_llvm_pure_intrin(") :]  # after the tensorized dot product
     assert "vpdpbusd" in conv and "T.vectorized(T.int64(16))" in epilogue
+
+
+def test_pool_and_softmax_tails_are_one_kernel_each(tmp_path: Path) -> None:
+    """An int8 network's average pool runs with its clamp in the window-sum kernel, and a softmax
+    (max, exp sums, fixed-point reciprocal, outputs) is one kernel; outputs equal TFLite's reference."""
+    from ai_edge_litert import interpreter as litert
+
+    from edgeq.int8 import import_integer
+    from edgeq.tflite_builder import Q, TFLiteBuilder
+
+    b = TFLiteBuilder()
+    x = b.input((1, 16, 16, 8), "int8", Q(0.05, -3))
+    pooled = b.average_pool2d(x, (2, 2), out=Q(0.05, -3))
+    logits = b.reshape(pooled, (1, 512))
+    b.output(b.softmax(logits, beta=1.0))
+    path = tmp_path / "tail.tflite"
+    path.write_bytes(b.build())
+    mod, _report = import_integer(path)
+
+    funcs = _scheduled_prim_funcs(mod, VNNI)
+    pools = [name for name in funcs if "window_sum" in name]
+    assert len(pools) == 1 and "maximum" in pools[0] and not [n for n in funcs if n.startswith("fused_maximum")]
+    softmax = [name for name, text in funcs.items() if "sum_of_exps" in text]
+    assert len(softmax) == 1 and "reciprocal" in funcs[softmax[0]] and "max" not in funcs, sorted(funcs)
+
+    reference = litert.Interpreter(model_path=str(path), experimental_op_resolver_type=litert.OpResolverType.BUILTIN_REF)
+    reference.allocate_tensors()
+    image = _int8(1, 16, 16, 8)
+    reference.set_tensor(reference.get_input_details()[0]["index"], image)
+    reference.invoke()
+    want = reference.get_tensor(reference.get_output_details()[0]["index"])
+    target = VNNI if _host_has(VNNI) else X86
+    np.testing.assert_array_equal(_run(build_cpu(mod, target), [image])[0].reshape(want.shape), want)

@@ -3,22 +3,20 @@
 Per element, exp(beta * scale * (x - row max)) depends on one of 256 differences, so the Q0.31 exp
 and its Q12 accumulation term are tables built at compile time. Per row, the reciprocal of the sum
 (GetReciprocal: count leading zeros + Newton-Raphson one_over_one_plus_x_for_x_in_0_1) runs in
-int64 Relax arithmetic on the tiny row tensor.
+int64 arithmetic. The whole op is one kernel: its rows are short and it runs once per inference.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from tvm import relax
+from tvm import te, tirx
 
 from ..errors import UnsupportedModelError
 from .context import Lowered, LoweringContext, require_quantized
 from .fixedpoint import DTYPE_RANGE, exp_on_negative_values, multiply_by_quantized_multiplier, quantize_multiplier, rdbpot
 from .graph import Operator
-from .relax_int import array_const, clamp_cast, const
-
-R = relax.op
+from .relax_int import array_const
 SCALED_DIFF_INTEGER_BITS = 5
 ACCUMULATION_INTEGER_BITS = 12
 
@@ -44,42 +42,72 @@ def _exp_tables(input_scale: np.float32, beta: float) -> tuple[np.ndarray, np.nd
     return np.asarray(exps, np.int64), np.asarray(terms, np.int32)
 
 
-class _Fx:
-    """int64 Relax arithmetic on values in int32 range, mirroring gemmlowp's scalar ops."""
+def _i64(v: int) -> tirx.PrimExpr:
+    return tirx.const(v, "int64")
 
-    def __init__(self, bb: relax.BlockBuilder):
-        self.bb = bb
 
-    def c(self, v: int) -> relax.Expr:
-        return const(v, "int64")
+def _srdhm(a: tirx.PrimExpr, b: tirx.PrimExpr) -> tirx.PrimExpr:
+    """gemmlowp SaturatingRoundingDoublingHighMul on int64 values in int32 range (truncating / 2^31)."""
+    ab = a * b
+    nudged = ab + tirx.Select(ab >= _i64(0), _i64(1 << 30), _i64(1 - (1 << 30)))
+    return (nudged + tirx.Select(nudged < _i64(0), _i64((1 << 31) - 1), _i64(0))) >> _i64(31)
 
-    def srdhm(self, a: relax.Expr, b: relax.Expr) -> relax.Expr:
-        ab = self.bb.emit(R.multiply(a, b))
-        zero = self.c(0)
-        nudged = self.bb.emit(R.add(ab, R.where(R.greater_equal(ab, zero), self.c(1 << 30), self.c(1 - (1 << 30)))))
-        biased = R.add(nudged, R.where(R.less(nudged, zero), self.c((1 << 31) - 1), zero))
-        return self.bb.emit(R.right_shift(biased, self.c(31)))
 
-    def shift_left_saturating(self, x: relax.Expr, exponent: int) -> relax.Expr:
-        threshold = (1 << (31 - exponent)) - 1
-        shifted = R.left_shift(x, self.c(exponent))
-        shifted = R.where(R.greater(x, self.c(threshold)), self.c((1 << 31) - 1), shifted)
-        return self.bb.emit(R.where(R.less(x, self.c(-threshold)), self.c(-(1 << 31)), shifted))
+def _shift_left_saturating(x: tirx.PrimExpr, exponent: int) -> tirx.PrimExpr:
+    threshold = (1 << (31 - exponent)) - 1
+    shifted = tirx.Select(x > _i64(threshold), _i64((1 << 31) - 1), x << _i64(exponent))
+    return tirx.Select(x < _i64(-threshold), _i64(-(1 << 31)), shifted)
 
-    def rdbpot(self, x: relax.Expr, exponent: relax.Expr) -> relax.Expr:
-        mask = R.subtract(R.left_shift(self.c(1), exponent), self.c(1))
-        remainder = R.bitwise_and(x, mask)
-        threshold = R.add(R.right_shift(mask, self.c(1)), R.astype(R.less(x, self.c(0)), "int64"))
-        return self.bb.emit(R.add(R.right_shift(x, exponent), R.astype(R.greater(remainder, threshold), "int64")))
 
-    def one_over_one_plus_x(self, a: relax.Expr) -> relax.Expr:
-        """gemmlowp one_over_one_plus_x_for_x_in_0_1 on a Q0.31 raw value >= 0."""
-        half_denominator = self.bb.emit(R.right_shift(R.add(a, self.c(1 << 31)), self.c(1)))  # RoundingHalfSum(a, 1)
-        x = self.bb.emit(R.add(self.c(1515870810), self.srdhm(half_denominator, self.c(-1010580540))))
-        for _ in range(3):
-            one_minus = R.subtract(self.c(1 << 29), self.srdhm(half_denominator, x))
-            x = self.bb.emit(R.add(x, self.shift_left_saturating(self.srdhm(x, self.bb.emit(one_minus)), 2)))
-        return self.shift_left_saturating(x, 1)
+def _rdbpot(x: tirx.PrimExpr, exponent: tirx.PrimExpr) -> tirx.PrimExpr:
+    """gemmlowp RoundingDivideByPOT with a tensor exponent."""
+    mask = (_i64(1) << exponent) - _i64(1)
+    threshold = (mask >> _i64(1)) + tirx.Cast("int64", x < _i64(0))
+    return (x >> exponent) + tirx.Cast("int64", (x & mask) > threshold)
+
+
+def _softmax_kernel(x: te.Tensor, exps: te.Tensor, terms: te.Tensor, out_dtype: str) -> te.Tensor:
+    """TFLite's reference int8/uint8 softmax over the last axis, as one kernel: per row, the max,
+    the sum of the Q12 exp terms, GetReciprocal (count leading zeros, then gemmlowp's
+    one_over_one_plus_x_for_x_in_0_1: three Newton-Raphson steps), then each element's scaled exp."""
+    *rows, depth = (int(d) for d in x.shape)
+    lo, hi = DTYPE_RANGE[out_dtype]
+
+    def per_row(name: str, value) -> te.Tensor:
+        return te.compute(rows, value, name=name)
+
+    k = te.reduce_axis((0, depth), "k")
+    row_max = per_row("row_max", lambda *r: te.max(x[(*r, k)].astype("int32"), axis=k))
+
+    def index(r, j):
+        return x[(*r, j)].astype("int32") - row_max[r] + 255
+
+    j = te.reduce_axis((0, depth), "j")
+    total = per_row("sum_of_exps", lambda *r: te.sum(terms[index(r, j)], axis=j))
+    headroom = per_row("headroom_plus_one", lambda *r: tirx.clz(total[r]).astype("int64"))
+    # one_over_one_plus_x_for_x_in_0_1 of (sum << headroom) - 1 in Q0.31, from RoundingHalfSum(a, 1)
+    half_denominator = per_row(
+        "half_denominator",
+        lambda *r: (((total[r].astype("int64") << headroom[r]) - _i64(1 << 31)) + _i64(1 << 31)) >> _i64(1),
+    )
+    estimate = per_row("estimate0", lambda *r: _i64(1515870810) + _srdhm(half_denominator[r], _i64(-1010580540)))
+    for step in range(3):
+        previous = estimate
+        error = per_row(f"error{step}", lambda *r: _i64(1 << 29) - _srdhm(half_denominator[r], previous[r]))
+        estimate = per_row(
+            f"estimate{step + 1}",
+            lambda *r: previous[r] + _shift_left_saturating(_srdhm(previous[r], error[r]), 2),
+        )
+    final = estimate
+    scale = per_row("reciprocal", lambda *r: _shift_left_saturating(final[r], 1))
+    exponent = per_row("exponent", lambda *r: _i64(ACCUMULATION_INTEGER_BITS + 31 - 8) - headroom[r])
+
+    def element(*i):
+        r = i[:-1]
+        scaled = _rdbpot(_srdhm(scale[r], exps[index(r, i[-1])]), exponent[r]) + _i64(lo)
+        return tirx.Cast(out_dtype, tirx.max(tirx.min(scaled, _i64(hi)), _i64(lo)))
+
+    return te.compute(x.shape, element, name="softmax")
 
 
 def lower_softmax(ctx: LoweringContext, op: Operator) -> Lowered:
@@ -87,21 +115,10 @@ def lower_softmax(ctx: LoweringContext, op: Operator) -> Lowered:
     require_quantized(ctx, op, inp.index, out.index)
     if inp.dtype != out.dtype:
         raise UnsupportedModelError(f"SOFTMAX #{op.index}: input and output types differ")
-    bb, fx = ctx.bb, _Fx(ctx.bb)
     exps, terms = _exp_tables(inp.quant.s, float(op.options.Beta()))
-    x = ctx.value(inp.index)
-    row_max = R.max(x, axis=-1, keepdims=True)
-    index = bb.emit(R.add(R.subtract(R.astype(x, "int32"), R.astype(row_max, "int32")), const(255, "int32")))
-    exp_values = bb.emit(R.take(array_const(exps), index, axis=0, mode="clip"))
-    sum_of_exps = bb.emit(R.astype(R.sum(R.take(array_const(terms), index, axis=0, mode="clip"), axis=-1, keepdims=True), "int64"))
-    # GetReciprocal: headroom_plus_one = CountLeadingZeros(sum) = 32 - bit length.
-    powers = array_const(np.left_shift(np.int64(1), np.arange(32, dtype=np.int64)))
-    bit_length = R.sum(R.astype(R.greater_equal(R.expand_dims(sum_of_exps, -1), powers), "int64"), axis=-1)
-    headroom_plus_one = bb.emit(R.subtract(fx.c(32), bit_length))
-    shifted_sum_minus_one = bb.emit(R.subtract(R.left_shift(sum_of_exps, headroom_plus_one), fx.c(1 << 31)))
-    shifted_scale = fx.one_over_one_plus_x(shifted_sum_minus_one)
-    exponent = bb.emit(R.add(R.subtract(fx.c(ACCUMULATION_INTEGER_BITS), headroom_plus_one), fx.c(31 - 8)))
-    scaled = fx.rdbpot(fx.srdhm(shifted_scale, exp_values), exponent)
-    lo, hi = DTYPE_RANGE[out.dtype]
-    ctx.set(out.index, clamp_cast(bb, R.add(scaled, fx.c(lo)), lo, hi, out.dtype))
+    result = ctx.bb.emit_te(
+        _softmax_kernel, ctx.value(inp.index), array_const(exps), array_const(terms), out.dtype,
+        primfunc_name_hint="softmax",
+    )
+    ctx.set(out.index, result)
     return Lowered()
