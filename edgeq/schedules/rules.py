@@ -39,7 +39,7 @@ _MIN_PARALLEL_ELEMS = 4096
 # over the cores. (A one-channel image's fill has no vectorizable axis: it ran per byte.)
 _MIN_PARALLEL_FILL = 1 << 16
 # Largest register tile along the width axis.
-_MAX_WIDTH_TILE = 8
+_MAX_WIDTH_TILE = 12
 # Inlining stops when a consumer's expression would grow past this many nodes: values read
 # several times (integer requantization) would otherwise grow exponentially along a chain.
 _MAX_INLINED_NODES = 64
@@ -379,7 +379,7 @@ def _register_tile(
         if vec_extent % (lanes * vecs):
             continue
         for tile in range(min(width, _MAX_WIDTH_TILE), 0, -1):
-            if width % tile or tile * vecs > regs or tile * vecs * lanes * acc_bytes >= _MAX_STACK_BYTES:
+            if width % tile or tile * vecs + vecs > regs or tile * vecs * lanes * acc_bytes >= _MAX_STACK_BYTES:
                 continue
             candidate = (-(broadcast_cost / vecs + 1 / tile), tile * vecs, vecs, tile)
             if best is None or candidate > best:
