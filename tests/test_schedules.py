@@ -243,13 +243,15 @@ def test_efficientnet_with_dot_products_matches_reference_kernels(target: tvm.ta
 
 def test_padding_joins_the_producing_kernel() -> None:
     """A pad after a conv is fused into the conv's kernel, and its interior is written inside the
-    conv's parallel tiles (no separate pad kernel, no full-size int32 accumulator)."""
+    conv's parallel tiles (no separate pad kernel, no full-size int32 accumulator); the pad value
+    is written first into the border only: two 16 x 32 rows and two 14 x 32 column strips."""
     funcs = _scheduled_prim_funcs(conv_padded_output_module(before=1), VNNI)
     assert not [name for name in funcs if name.startswith("pad")], sorted(funcs)
     (conv,) = [text for name, text in funcs.items() if "conv2d" in name and "pad" in name]
-    # the border fill first, then the parallel conv tiles with the interior copy
     fill, tiles = conv[: conv.rindex("T.parallel(")], conv[conv.rindex("T.parallel(") :]
-    assert '_pad_const")' in fill and '_pad_const")' not in tiles
+    assert fill.count("= T.int8(-7)") == 4 and "= T.int8(-7)" not in tiles
+    assert fill.count("T.grid(T.int64(1), T.int64(1), T.int64(16), T.int64(32))") == 2
+    assert fill.count("T.grid(T.int64(1), T.int64(14), T.int64(1), T.int64(32))") == 2
     assert 'conv2d_nhwc_update")' in tiles and 'sblock("PadInput")' in tiles
 
 
