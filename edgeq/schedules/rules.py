@@ -19,7 +19,6 @@ additions, which are exact.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 
 import tvm
@@ -35,9 +34,6 @@ log = logging.getLogger(__name__)
 
 # Elementwise work below this many elements runs on one thread (pool wake-up costs ~µs).
 _MIN_PARALLEL_ELEMS = 4096
-# A pad's border fill smaller than this (elements) is one serial memset; a larger one is split
-# over the cores. (A one-channel image's fill has no vectorizable axis: it ran per byte.)
-_MIN_PARALLEL_FILL = 1 << 16
 # Largest register tile along the width axis.
 _MAX_WIDTH_TILE = 12
 # Inlining stops when a consumer's expression would grow past this many nodes: values read
