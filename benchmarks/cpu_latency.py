@@ -12,6 +12,9 @@ in turn). Rows:
 * ``stock TVM``   -- the same stock import through ``tvm.compile`` (cpu_generic, no schedules);
 * ``TFLite``      -- ``ai_edge_litert`` interpreter.
 
+A network shipped as ``NAME_int8.tflite`` and ``NAME_float32.tflite`` also gets a table of its int8
+bundle against its float bundle, the two timed in the same rounds, and the int8 speed-up.
+
     python benchmarks/cpu_latency.py [--threads 2] [--repeat 30] [--mcpu haswell | --device x86_64-vnni] [--no-stock]
                                       [--tuning-db DIR]
 """
@@ -137,6 +140,32 @@ def bench_model(
     return rows
 
 
+def bench_int8_against_float(int8_path: Path, float_path: Path, target: object, repeat: int) -> tuple[float, float]:
+    """Median ms of the int8 bundle of a network and of its float32 twin's bundle, timed in the same rounds."""
+    import tflite
+    import tvm.relax.frontend.tflite  # noqa: F401  (registers from_tflite)
+
+    from edgeq.int8 import import_integer
+    from edgeq.schedules import build_cpu
+
+    imod, _report = import_integer(str(int8_path))
+    int8_run = _tvm_runner(build_cpu(imod, target), _inputs(_relax_inputs(imod)))
+    fmod = tvm.relax.frontend.tflite.from_tflite(tflite.Model.GetRootAsModel(float_path.read_bytes(), 0))
+    float_run = _tvm_runner(build_cpu(fmod, target), _inputs(_relax_inputs(fmod)))
+    int8_ms, float_ms = _interleaved_medians([(int8_run, repeat), (float_run, repeat)])
+    return int8_ms, float_ms
+
+
+def _int8_float_pairs(paths: list[Path]) -> list[tuple[Path, Path]]:
+    """(int8, float32) files of the same network: ``NAME_int8.tflite`` next to ``NAME_float32.tflite``."""
+    by_name = {p.name: p for p in paths}
+    return [
+        (p, by_name[p.name.replace("_int8.tflite", "_float32.tflite")])
+        for p in paths
+        if p.name.endswith("_int8.tflite") and p.name.replace("_int8.tflite", "_float32.tflite") in by_name
+    ]
+
+
 def _default_target(mcpu: str | None, threads: int, device: str | None = None) -> object:
     import tvm
 
@@ -182,6 +211,14 @@ def main(argv: list[str] | None = None) -> int:
             shown = f"{'-':>9}" if ms is None else f"{ms:9.3f}" if ms < 1 else f"{ms:9.2f}"
             ratio = f"{ms / ref:11.2f}" if ms is not None and ref else f"{'-':>11}"
             print(f"| {name:<30} | {shown} | {ratio} | {note}")
+    for int8_path, float_path in _int8_float_pairs([p for p in paths if p.exists()]):
+        network = int8_path.name.removesuffix("_int8.tflite")
+        print(f"\n{network}: int8 bundle vs float32 bundle (edgeq default schedules, timed in the same rounds)", flush=True)
+        int8_ms, float_ms = bench_int8_against_float(int8_path, float_path, target, args.repeat)
+        print(f"| {'bundle':<30} | {'median ms':>9} | {'speed-up':>11}")
+        print(f"|{'-' * 32}|{'-' * 11}|{'-' * 13}")
+        print(f"| {int8_path.name:<30} | {int8_ms:9.3f} | {float_ms / int8_ms:10.2f}x")
+        print(f"| {float_path.name:<30} | {float_ms:9.3f} | {1.0:10.2f}x")
     return 0
 
 
