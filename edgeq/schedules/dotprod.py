@@ -235,10 +235,13 @@ def _dot_conv2d(data: te.Tensor, packed: te.Tensor, strides, dilation) -> te.Ten
     )
 
 
-def _dot_conv2d_width_grouped(data: te.Tensor, packed: te.Tensor, strides, dilation_h: int, out_w: int) -> te.Tensor:
-    """conv2d on a one-channel image (``data`` is ``[N, H, W]``) whose reduction groups run along
-    the width: group ``g`` of output pixel ``x`` is the ``depth`` contiguous pixels from
-    ``x * stride_w + g * depth``, the kernel's width taps (zero-weighted past the filter's width)."""
+def _dot_conv2d_width_grouped(
+    data: te.Tensor, packed: te.Tensor, strides, dilation_h: int, out_w: int, channels: int
+) -> te.Tensor:
+    """conv2d on an image with few channels, its rows flattened (``data`` is ``[N, H, W * C]``),
+    whose reduction groups run along the row: group ``g`` of output pixel ``x`` is the ``depth``
+    contiguous bytes from ``x * stride_w * C + g * depth``, the window row's taps x channels
+    (zero-weighted past the filter's ``kw * C``)."""
     n, height, _ = (int(s) for s in data.shape)
     kh, _, blocks, units, depth = (int(s) for s in packed.shape)
     out_h = (height - (kh - 1) * dilation_h - 1) // strides[0] + 1
@@ -247,11 +250,19 @@ def _dot_conv2d_width_grouped(data: te.Tensor, packed: te.Tensor, strides, dilat
     return te.compute(
         (n, out_h, out_w, units),
         lambda b, y, x, f: te.sum(
-            data[b, y * strides[0] + rh * dilation_h, x * strides[1] + rco * depth + rci].astype("int32")
+            data[b, y * strides[0] + rh * dilation_h, x * (strides[1] * channels) + rco * depth + rci].astype("int32")
             * packed[rh, 0, rco, f, rci].astype("int32"),
             axis=[rh, rco, rci],
         ),
         name="dot_conv2d",
+    )
+
+
+def _flatten_rows(data: te.Tensor) -> te.Tensor:
+    """``[N, H, W, C]`` -> ``[N, H, W * C]`` (a view of the same bytes, written with simple indices)."""
+    n, height, width, channels = (int(s) for s in data.shape)
+    return te.compute(
+        (n, height, width * channels), lambda b, y, k: data[b, y, k // channels, k % channels], name="rows"
     )
 
 
@@ -306,10 +317,12 @@ class _Packer(PyExprMutator):
         dilation = [int(d) for d in attrs.dilation]
         kw, channels = values.shape[1], values.shape[2]
         missing = -channels % self.dot.depth
-        if missing >= channels:  # one or two input channels: a group would be mostly padding
-            if kw == 1 or channels != 1 or dilation[1] != 1:
-                return None
-            return self._width_grouped(data, values, strides, dilation[0])
+        if missing and channels < 4 and kw > 1 and dilation[1] == 1:
+            grouped = self._width_grouped(data, values, strides, dilation[0])
+            if grouped is not None:
+                return grouped
+        if missing >= channels:  # one or two input channels: a padded group would be mostly padding
+            return None
         if missing:  # e.g. an RGB stem: 3 -> 4 channels, a zero weight makes the 4th contribute nothing
             values = np.concatenate([values, np.zeros(values.shape[:2] + (missing, values.shape[3]), values.dtype)], axis=2)
             # A pad of its own: merged into a pad before it, the copy of the interior would write
@@ -317,29 +330,40 @@ class _Packer(PyExprMutator):
             data = self.builder_.emit(R.nn.pad(data, [0, 0, 0, 0, 0, 0, 0, missing], pad_value=0.0))
         return self._emit(_dot_conv2d, data, values, strides, dilation)
 
-    def _width_grouped(self, data: relax.Expr, values: np.ndarray, strides, dilation_h: int) -> relax.Expr:
-        """A conv on one input channel, its width taps grouped for the dot product (3 taps -> one
-        group of 4, the 4th weight zero): the group's pixels are contiguous, no gather needed."""
-        width = _shape(data)[2]
+    def _width_grouped(self, data: relax.Expr, values: np.ndarray, strides, dilation_h: int) -> relax.Expr | None:
+        """A conv on an image with few channels (a grayscale or RGB input), its dot-product groups
+        taken along the flattened row: a window row's 3 taps x 1 channel are one group of 4 (the
+        4th weight zero), 3 taps x 3 channels three groups of 4. The group's bytes are contiguous,
+        so there is no gather and no channel padding."""
+        _, _, width, channels = _shape(data)
         kh, kw, _, units = values.shape
         depth = self.dot.depth
-        blocks = -(-kw // depth)
+        blocks = -(-kw * channels // depth)
         grouped = np.zeros((kh, 1, blocks * depth, units), values.dtype)
-        grouped[:, 0, :kw] = values[:, :, 0]
+        grouped[:, 0, : kw * channels] = values.reshape(kh, kw * channels, units)
         out_w = (width - kw) // strides[1] + 1
-        # The image goes [N, H, W]; its pad (if any) last, so that the pad keeps its border fill.
+        # The rows go flat, [N, H, W * C]; the pad (if any) after them, last in its kernel, so
+        # that it keeps its border fill.
         pad = self._pad_source(data)
+        if pad is not None and any(int(w) for w in pad.attrs.pad_width[6:]):
+            return None  # a channel pad: not a plain image
         source = pad.args[0] if pad is not None else data
         widths = [int(w) for w in pad.attrs.pad_width][:6] if pad is not None else [0] * 6
+        widths[4:6] = [widths[4] * channels, widths[5] * channels]
         value = float(pad.attrs.pad_value) if pad is not None else 0.0
-        # The last pixel's last group may reach past the row: more columns (their weights are zero).
-        widths[5] += max((out_w - 1) * strides[1] + blocks * depth - width, 0)
+        # The last pixel's last group may reach past the row: more bytes (their weights are zero).
+        widths[5] += max((out_w - 1) * strides[1] * channels + blocks * depth - width * channels, 0)
         if self.dot.data_dtype == "uint8":
             source, value = self._to_uint8(source), value + 128.0
-        image = self.builder_.emit(R.squeeze(source, [3]))
+        if channels == 1:
+            rows = self.builder_.emit(R.squeeze(source, [3]))
+        else:
+            rows = self.builder_.emit_te(_flatten_rows, source, primfunc_name_hint="rows")
         if any(widths):
-            image = self.builder_.emit(R.nn.pad(image, widths, pad_value=value))
-        return self._emit(_dot_conv2d_width_grouped, image, grouped, strides, dilation_h, out_w, shifted=True)
+            rows = self.builder_.emit(R.nn.pad(rows, widths, pad_value=value))
+        return self._emit(
+            _dot_conv2d_width_grouped, rows, grouped, strides, dilation_h, out_w, channels, shifted=True
+        )
 
     def _pad_source(self, data: relax.Expr) -> relax.Call | None:
         """The constant ``nn.pad`` call bound to ``data``, if it is one."""
