@@ -72,7 +72,7 @@ def conv_padded_output_module(before: int = 0) -> tvm.IRModule:
 
 def stem_module() -> tvm.IRModule:
     """An RGB stem: explicitly padded 3-channel input, 3x3 stride-2 conv to 32 channels (the dot
-    kernels pad the input channels to their group size)."""
+    kernels take a window row's 3 taps x 3 channels as their groups)."""
     weight = _int8(3, 3, 3, 32)
 
     def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:

@@ -13,7 +13,9 @@ Two steps use them:
   ungrouped) and matmul with a constant 8-bit weight into a TE kernel reading the weight packed
   once, at compile time, as ``W'[..., c // depth, f, c % depth]`` in the instruction's weight
   type. For ``vpdpbusd`` (unsigned x signed) the int8 activations are shifted to uint8,
-  ``x + 128``, and ``-128 * sum(w)`` is added back per channel: exact in int32.
+  ``x + 128``, and ``-128 * sum(w)`` is added back per channel: exact in int32. An image with
+  1-3 channels (a grayscale or RGB input) takes its groups along its flattened rows instead:
+  the taps x channels of a window row are contiguous bytes (:func:`_dot_conv2d_width_grouped`).
 * :func:`tensorize_dot` (TIR, from the anchored schedule) replaces the innermost
   ``lanes x depth`` loops of such a kernel with the instruction.
 
@@ -323,10 +325,8 @@ class _Packer(PyExprMutator):
                 return grouped
         if missing >= channels:  # one or two input channels: a padded group would be mostly padding
             return None
-        if missing:  # e.g. an RGB stem: 3 -> 4 channels, a zero weight makes the 4th contribute nothing
+        if missing:  # e.g. a 1x1 conv on 3 channels: 3 -> 4, a zero weight makes the 4th contribute nothing
             values = np.concatenate([values, np.zeros(values.shape[:2] + (missing, values.shape[3]), values.dtype)], axis=2)
-            # A pad of its own: merged into a pad before it, the copy of the interior would write
-            # 3 of every 4 bytes, which does not vectorize (VWW's input kernel took twice as long).
             data = self.builder_.emit(R.nn.pad(data, [0, 0, 0, 0, 0, 0, 0, missing], pad_value=0.0))
         return self._emit(_dot_conv2d, data, values, strides, dilation)
 

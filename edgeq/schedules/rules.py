@@ -59,7 +59,7 @@ def schedule_func(func: tirx.PrimFunc, info: CpuInfo) -> tirx.PrimFunc | None:
     """Return ``func`` scheduled for ``info``'s CPU, or None when no strategy applies."""
     if _max_elements(s_tir.Schedule(func)) < _MIN_SCHEDULED_ELEMS:
         return None  # scalar-sized work: threads and vectors would not pay off
-    func, fills = split_pad_fills(func, info)
+    func, fills = split_pad_fills(func)
     fuse_limit = 1 << 30
     strategies: list[Callable[[s_tir.Schedule, CpuInfo], bool]] = [
         lambda sch, info: _anchored(sch, info, fuse_limit),
@@ -184,14 +184,14 @@ def _narrow_lanes(extent: int, lanes: int) -> int:
 # ---------------------------------------------------------------- padding
 
 
-def split_pad_fills(func: tirx.PrimFunc, info: CpuInfo) -> tuple[tirx.PrimFunc, list[tirx.Stmt]]:
+def split_pad_fills(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, list[tirx.Stmt]]:
     """Split each pad of a computed tensor into "copy the interior" + "fill the border value".
 
     A kernel that pads its result for the next conv (FuseOps fused the pad in, see
     :mod:`.fusion`) writes a bordered tensor larger than its anchor's output. Returned apart:
     ``func`` with interior copies only - they have the anchor's domain and join its tiles - and
-    the fills, scheduled loop nests (a vectorized memset) for :func:`prepend_fills` to put
-    first once ``func`` is scheduled. Without this the whole int32 accumulator was materialized
+    the fills, loops over the border only (:func:`_border_fill`), for :func:`prepend_fills` to
+    put first once ``func`` is scheduled. Without this the whole int32 accumulator was materialized
     before a separate padding pass.
     """
     sch = s_tir.Schedule(func)
