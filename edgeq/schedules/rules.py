@@ -59,7 +59,7 @@ def schedule_func(func: tirx.PrimFunc, info: CpuInfo) -> tirx.PrimFunc | None:
     """Return ``func`` scheduled for ``info``'s CPU, or None when no strategy applies."""
     if _max_elements(s_tir.Schedule(func)) < _MIN_SCHEDULED_ELEMS:
         return None  # scalar-sized work: threads and vectors would not pay off
-    func, fills = split_pad_fills(func)
+    func, fills = split_pad_fills(func, info)
     fuse_limit = 1 << 30
     strategies: list[Callable[[s_tir.Schedule, CpuInfo], bool]] = [
         lambda sch, info: _anchored(sch, info, fuse_limit),
@@ -184,14 +184,15 @@ def _narrow_lanes(extent: int, lanes: int) -> int:
 # ---------------------------------------------------------------- padding
 
 
-def split_pad_fills(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, list[tirx.Stmt]]:
+def split_pad_fills(func: tirx.PrimFunc, info: CpuInfo) -> tuple[tirx.PrimFunc, list[tirx.Stmt]]:
     """Split each pad of a computed tensor into "copy the interior" + "fill the border value".
 
     A kernel that pads its result for the next conv (FuseOps fused the pad in, see
     :mod:`.fusion`) writes a bordered tensor larger than its anchor's output. Returned apart:
     ``func`` with interior copies only - they have the anchor's domain and join its tiles - and
-    the fills, loops over the border only (:func:`_border_fill`), for :func:`prepend_fills` to
-    put first once ``func`` is scheduled. Without this the whole int32 accumulator was materialized
+    the fills, loops over the border only (:func:`_border_fill`; a vectorized fill of the whole
+    tensor where the pad's offsets are not constants), for :func:`prepend_fills` to put first
+    once ``func`` is scheduled. Without this the whole int32 accumulator was materialized
     before a separate padding pass.
     """
     sch = s_tir.Schedule(func)
@@ -207,27 +208,35 @@ def split_pad_fills(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, list[tirx.Stmt]
             fill = sch.decompose_padding(block, sch.get_loops(block)[0])
         except s_tir.ScheduleError:
             continue
+        if border is None:
+            _schedule_elementwise(sch, fill, info)
         fills.append((fill, border))
     if not fills:
         return func, []
     fill_nests = [sch.get(sch.get_loops(fill)[0]) for fill, _ in fills]
     scheduled = sch.mod["main"]
     rest = [n for n in _root_statements(scheduled) if not any(n.same_as(f) for f in fill_nests)]
-    return _with_root_statements(scheduled, rest), [border for _, border in fills]
+    return _with_root_statements(scheduled, rest), [
+        nest if border is None else border for nest, (_, border) in zip(fill_nests, fills)
+    ]
 
 
-def _border_fill(pad: s_tir.SBlock) -> tirx.Stmt:
+def _border_fill(pad: s_tir.SBlock) -> tirx.Stmt | None:
     """Loops that write a pad block's constant into its border only: per padded axis, the slabs
     before and after the interior (the interior is written by the copy, inside the anchor's tiles).
     A full-size fill wrote every byte of the padded tensor twice (EfficientNet-Lite0's expanded
-    112 x 112 x 96 activations: 1.2 MB more memory traffic in one kernel)."""
+    112 x 112 x 96 activations: 1.2 MB more memory traffic in one kernel). None if the pad's
+    offsets are not constants."""
     store = pad.body
     _, inside, value = store.value.args
     out_shape = [int(d) for d in store.buffer.shape]
     in_shape = [int(d) for d in inside.source.shape]
     analyzer = tvm.sym.Analyzer()
     # the interior starts where the input's index (v - before) is 0
-    before = [-int(analyzer.simplify(i - o)) for i, o in zip(inside.indices, store.indices)]
+    offsets = [analyzer.simplify(i - o) for i, o in zip(inside.indices, store.indices)]
+    if len(offsets) != len(out_shape) or not all(isinstance(o, tirx.IntImm) for o in offsets):
+        return None
+    before = [-int(o) for o in offsets]
     slabs = []
     for axis, (size, low, inner) in enumerate(zip(out_shape, before, in_shape)):
         for start, extent in ((0, low), (low + inner, size - low - inner)):
@@ -391,9 +400,10 @@ def _register_tile(
 
     Per multiply-accumulate instruction, a tile spends ``broadcast_cost / vecs`` on broadcasting
     activations (one broadcast per width position, shared by its vectors) and ``1 / width`` on
-    loading weights (one load per vector, shared by the width positions); the cheapest tile that
-    fits ``regs`` registers and stays below the stack-allocation limit (a larger accumulator is
-    heap-allocated per tile) wins, the larger one on ties.
+    loading weights (one load per vector, shared by the width positions); the cheapest tile whose
+    accumulators and weight vectors fit ``regs`` registers and that stays below the
+    stack-allocation limit (a larger accumulator is heap-allocated per tile) wins, the larger one
+    on ties.
     """
     best: tuple[float, int, int, int] | None = None  # (-cost, accumulators, vectors, width tile)
     for vecs in vec_choices:
