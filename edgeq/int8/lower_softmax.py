@@ -17,6 +17,7 @@ from .context import Lowered, LoweringContext, require_quantized
 from .fixedpoint import DTYPE_RANGE, exp_on_negative_values, multiply_by_quantized_multiplier, quantize_multiplier, rdbpot
 from .graph import Operator
 from .relax_int import array_const
+
 SCALED_DIFF_INTEGER_BITS = 5
 ACCUMULATION_INTEGER_BITS = 12
 
