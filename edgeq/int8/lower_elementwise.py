@@ -123,8 +123,8 @@ def lower_quantize(ctx: LoweringContext, op: Operator) -> Lowered:
     if out.quant.per_channel:
         raise UnsupportedModelError(f"QUANTIZE #{op.index}: per-channel output quantization is not supported")
     if inp.dtype == "float32":
-        y = ctx.bb.emit(R.divide(ctx.value(inp.index), const(out.quant.s, "float32")))
-        q = R.add(R.astype(round_half_away_float(ctx.bb, y), "int32"), const(out.quant.zp, "int32"))
+        rounded = round_half_away_float(ctx.bb, ctx.value(inp.index), np.float32(out.quant.s), divide=True)
+        q = R.add(R.astype(rounded, "int32"), const(out.quant.zp, "int32"))
         lo, hi = DTYPE_RANGE[out.dtype]
         ctx.set(out.index, clamp_cast(ctx.bb, q, lo, hi, out.dtype))
         return Lowered(integer=False, float_reason="quantizes the model's float32 input (float division by the scale)")

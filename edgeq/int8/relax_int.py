@@ -133,24 +133,31 @@ def multiply_by_quantized_multiplier(
     return _fixed_point_requantize(bb, x, multiplier, shift, single_rounding=False, output=None)
 
 
-def round_half_away_float(bb: relax.BlockBuilder, y: relax.Expr) -> relax.Expr:
-    """std::round on a float tensor, as one elementwise kernel stage (so that it inlines into its
-    consumer), written without a float add on y so LLVM cannot fuse it into an FMA."""
+def round_half_away_float(bb: relax.BlockBuilder, x: relax.Expr, scale, *, divide: bool) -> relax.Expr:
+    """std::round(x / scale) (or x * scale, ``divide=False``) on a float tensor, ``scale`` a constant
+    scalar or one per last-axis element: one elementwise kernel stage, so that it inlines into its
+    consumer, written without a float add on the quotient so LLVM cannot fuse it into an FMA. The
+    quotient is spelled out where it is used (LLVM computes it once): a ``Let`` would stop
+    MetaSchedule (``edgeq tune``)."""
+    dtype = dtype_of(x)
+    scale = np.asarray(scale, dtype=dtype)
+    per_element = scale.size > 1
 
-    def compute(values: te.Tensor) -> te.Tensor:
-        dtype = str(values.dtype)
+    def compute(values: te.Tensor, *scales: te.Tensor) -> te.Tensor:
+        half = tirx.const(0.5, dtype)
+        one, zero = tirx.const(1.0, dtype), tirx.const(0.0, dtype)
 
         def element(*index):
-            v = tirx.Var("v", dtype)  # read once: the producer (x / scale) then inlines cheaply
+            s = scales[0][index[-1]] if per_element else tirx.const(float(scale.reshape(-1)[0]), dtype)
+            v = values[index] / s if divide else values[index] * s
             t = tirx.trunc(v)
-            half = tirx.const(0.5, dtype)
-            one, zero = tirx.const(1.0, dtype), tirx.const(0.0, dtype)
             away = tirx.Select(v < zero, -one, one)  # |v - t| >= 0.5 only where v != 0
-            return tirx.Let(v, values[index], t + tirx.Select(tirx.abs(v) >= tirx.abs(t) + half, away, zero))
+            return t + tirx.Select(tirx.abs(v) >= tirx.abs(t) + half, away, zero)
 
         return te.compute(values.shape, element, name="round_half_away")
 
-    return bb.emit_te(compute, y, primfunc_name_hint="round_half_away")
+    args = [x, array_const(scale.reshape(-1))] if per_element else [x]
+    return bb.emit_te(compute, *args, primfunc_name_hint="round_half_away")
 
 
 def requantize_to(
@@ -170,8 +177,8 @@ def requantize_float_to(
     bb: relax.BlockBuilder, acc: relax.Expr, effective_scale: np.ndarray, zero_point: int, lo: int, hi: int, dtype: str
 ) -> relax.Expr:
     """acc (int32) -> round(double(acc) * effective_scale) + zero point, clamped, as dtype (TFLite's reference FC)."""
-    y = bb.emit(R.multiply(R.astype(acc, "float64"), const(np.asarray(effective_scale, np.float64), "float64")))
-    rounded = R.astype(round_half_away_float(bb, y), "int64")
+    wide = bb.emit(R.astype(acc, "float64"))
+    rounded = R.astype(round_half_away_float(bb, wide, np.asarray(effective_scale, np.float64), divide=False), "int64")
     return clamp_cast(bb, R.add(rounded, const(zero_point, "int64")), lo, hi, dtype)
 
 
