@@ -277,3 +277,26 @@ def test_cli(tuned, tmp_path):
     bad = edgeq_cli("tune", str(model_path()), "--device", DEVICE, "--db", str(db), "--remote", "127.0.0.1:9")
     assert bad.returncode == 1 and "edgeq: error: cannot connect to 127.0.0.1:9" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_tiny_kernels_are_not_tasks():
+    """Kernels of a few elements (rps96's softmax over 3 classes, its dequantize) are left out:
+    edgeq does not schedule them either, and MetaSchedule spent minutes on the softmax alone."""
+    names = [name for name, _calls, _flops in tune_mod.list_tasks(model_path(), DEVICE)]
+    assert names and not [n for n in names if "softmax" in n or n.endswith("take")], names
+    assert any("window_sum1" in n for n in names)  # a 4 x 4 x 24 pool is large enough to stay
+
+
+def test_a_kernel_metaschedule_cannot_tune_keeps_the_default(tmp_path, monkeypatch):
+    """A TVM error inside one task's search is reported on its line and the run goes on."""
+    ms = tune_mod._meta_schedule()
+
+    def fail(**_kwargs):
+        raise RuntimeError("Traceback ...\nInternalError: Do not have a default for prim.Let")
+
+    monkeypatch.setattr(ms, "tune_tasks", fail)
+    lines: list[str] = []
+    result = tune_mod.tune(model_path(), options(tmp_path / "db", trials=1), progress=lines.append)
+    assert any("MetaSchedule cannot tune it (InternalError: Do not have a default for prim.Let)" in line
+               for line in lines), lines
+    assert len(result.tasks) == 1 and not result.tasks[0].applied and result.tasks[0].trials_now == 0

@@ -55,10 +55,16 @@ _MAX_UNROLLED_INNER = 8
 _MIN_VECTOR_LANES = 4
 
 
+def is_scalar_sized(func: tirx.PrimFunc) -> bool:
+    """Whether ``func``'s largest loop nest is too small for threads and vectors to pay off
+    (edgeq leaves such kernels unscheduled, and ``edgeq tune`` leaves them out)."""
+    return _max_elements(s_tir.Schedule(func)) < _MIN_SCHEDULED_ELEMS
+
+
 def schedule_func(func: tirx.PrimFunc, info: CpuInfo) -> tirx.PrimFunc | None:
     """Return ``func`` scheduled for ``info``'s CPU, or None when no strategy applies."""
-    if _max_elements(s_tir.Schedule(func)) < _MIN_SCHEDULED_ELEMS:
-        return None  # scalar-sized work: threads and vectors would not pay off
+    if is_scalar_sized(func):
+        return None
     func, fills = split_pad_fills(func, info)
     fuse_limit = 1 << 30
     strategies: list[Callable[[s_tir.Schedule, CpuInfo], bool]] = [
