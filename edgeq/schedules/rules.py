@@ -547,11 +547,15 @@ def _vectorize_across_pixels(
     lanes = info.lanes(_widest_dtype(sch, block))
     if channels % lanes == 0 or (width_tile * channels) % lanes:
         return False
-    fused = sch.fuse(loops[-2], loops[-1])
-    vectors, inner = sch.split(fused, [None, lanes])
+    _unrolled_vectors(sch, sch.fuse(loops[-2], loops[-1]), lanes)
+    return True
+
+
+def _unrolled_vectors(sch: s_tir.Schedule, loop: LoopRV, lanes: int) -> None:
+    """``loop`` as unrolled vectors of ``lanes`` elements."""
+    vectors, inner = sch.split(loop, [None, lanes])
     sch.unroll(vectors)
     sch.vectorize(inner)
-    return True
 
 
 def _tensorize_or_vectorize(sch: s_tir.Schedule, update: SBlockRV, dot: DotProduct, vec_loop: LoopRV) -> None:
@@ -578,6 +582,4 @@ def _vectorize_innermost(sch: s_tir.Schedule, block: SBlockRV) -> None:
     if width == extent and extent <= 64:
         sch.vectorize(loops[-1])
     elif 4 <= width <= 64 and extent <= 4 * 64:
-        vectors, lanes = sch.split(loops[-1], [None, width])
-        sch.unroll(vectors)
-        sch.vectorize(lanes)
+        _unrolled_vectors(sch, loops[-1], width)
