@@ -86,11 +86,9 @@ def _softmax_kernel(x: te.Tensor, exps: te.Tensor, terms: te.Tensor, out_dtype: 
     j = te.reduce_axis((0, depth), "j")
     total = per_row("sum_of_exps", lambda *r: te.sum(terms[index(r, j)], axis=j))
     headroom = per_row("headroom_plus_one", lambda *r: tirx.clz(total[r]).astype("int64"))
-    # one_over_one_plus_x_for_x_in_0_1 of (sum << headroom) - 1 in Q0.31, from RoundingHalfSum(a, 1)
-    half_denominator = per_row(
-        "half_denominator",
-        lambda *r: (((total[r].astype("int64") << headroom[r]) - _i64(1 << 31)) + _i64(1 << 31)) >> _i64(1),
-    )
+    # one_over_one_plus_x_for_x_in_0_1 of a = (sum << headroom) - 2^31 (Q0.31, a >= 0) starts from
+    # RoundingHalfSum(a, One) = (a + 2^31) >> 1 = (sum << headroom) >> 1
+    half_denominator = per_row("half_denominator", lambda *r: (total[r].astype("int64") << headroom[r]) >> _i64(1))
     estimate = per_row("estimate0", lambda *r: _i64(1515870810) + _srdhm(half_denominator[r], _i64(-1010580540)))
     for step in range(3):
         previous = estimate
