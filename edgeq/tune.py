@@ -361,8 +361,10 @@ def build_candidate(mod: Any, target: Any, _params: Any = None) -> Any:
     import tvm
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
+    from .schedules.pipeline import tir_pipeline_for
+
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return tvm.compile(mod, target=target)
+    return tvm.compile(mod, target=target, tir_pipeline=tir_pipeline_for(target))
 
 
 def export_shared_library(rt_mod: Any, cross_compiler: str | None = None) -> str:

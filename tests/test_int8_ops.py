@@ -6,6 +6,7 @@ define the integer semantics); outputs must be bit-identical.
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,12 +39,20 @@ def _inputs(interpreter, rng: np.random.Generator, trial: int) -> list[np.ndarra
     return arrays
 
 
-def assert_matches_reference(builder: TFLiteBuilder, tmp_path, trials: int = 3, seed: int = 0):
-    """Compile the builder's model with import_integer and compare every output with BUILTIN_REF."""
+def assert_matches_reference(builder: TFLiteBuilder, tmp_path, trials: int = 3, seed: int = 0, scheduled_for=None):
+    """Compile the builder's model with import_integer and compare every output with BUILTIN_REF.
+
+    ``scheduled_for``: a CPU target to build for with edgeq's schedules (default: TVM's plain build).
+    """
     path = tmp_path / "model.tflite"
     path.write_bytes(builder.build())
     mod, report = import_integer(path)
-    executable = tvm.compile(mod, target=tvm.target.Target(TARGET))
+    if scheduled_for is None:
+        executable = tvm.compile(mod, target=tvm.target.Target(TARGET))
+    else:
+        from edgeq.schedules import build_cpu
+
+        executable = build_cpu(mod, scheduled_for)
     vm = tvm.runtime.vm.VirtualMachine(executable, tvm.cpu())
     interpreter = litert.Interpreter(
         model_path=str(path), experimental_op_resolver_type=litert.OpResolverType.BUILTIN_REF
@@ -118,6 +127,55 @@ def test_conv2d(tmp_path, dtype, per_channel, padding, stride, dilation, activat
     b.output(b.conv2d(x, wt, bias, _activation_q(rng, dtype), stride=stride, padding=padding, dilation=dilation, activation=activation))
     report = assert_matches_reference(b, tmp_path)
     assert report.ops_integer == report.ops_total == 1 and report.macs_integer == report.macs_total > 0
+
+
+SCHEDULED_TARGETS = {
+    "avx2": {"kind": "llvm", "mcpu": "haswell", "num-cores": 2},
+    "vnni": {"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2},
+}
+
+
+def _host_runs(isa: str) -> bool:
+    """Whether this machine can run code built for ``isa`` (AVX2, or AVX-512 VNNI)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
+    return ("avx512_vnni" if isa == "vnni" else "avx2") in flags
+
+
+@pytest.mark.parametrize("isa", sorted(SCHEDULED_TARGETS))
+@pytest.mark.parametrize("case", ["unit-scale-channels", "huge-bias", "uint8", "depthwise"])
+def test_conv_requantization_with_schedules(tmp_path, isa, case):
+    """The scheduled epilogue (even/odd high multiply, the rounding shift with the zero point folded
+    in where the weights bound the accumulator) equals TFLite's reference kernels, also for channels
+    whose scale needs no rounding shift (multiplier in [0.5, 1)) and for a bias too large to bound."""
+    if not _host_runs(isa):
+        pytest.skip(f"this CPU cannot run {isa} code")
+    rng = _rng("scheduled", case)
+    b = TFLiteBuilder()
+    dtype = "uint8" if case == "uint8" else "int8"
+    in_q = Q(0.05, 7) if dtype == "int8" else Q(0.05, 131)
+    cin, cout = (24, 24) if case == "depthwise" else (5, 40)
+    x = b.input((1, 13, 17, cin), dtype, in_q)
+    out_q = Q(0.001, -5) if dtype == "int8" else Q(0.02, 120)
+    if case == "uint8":
+        w_scales = np.array([0.004])
+        wt = b.constant(rng.integers(0, 256, (cout, 3, 3, cin)).astype(np.uint8), Q([0.004], [128]))
+    else:
+        # every third channel's effective scale is in [0.5, 1): a multiplier with shift 0
+        w_scales = np.where(np.arange(cout) % 3 == 0, 0.015, rng.uniform(0.0002, 0.002, cout))
+        shape = (1, 3, 3, cout) if case == "depthwise" else (cout, 3, 3, cin)
+        axis = 3 if case == "depthwise" else 0
+        wt = b.constant(rng.integers(-127, 128, shape).astype(np.int8), Q(list(w_scales), [0] * cout, axis=axis))
+    span = 1 << 30 if case == "huge-bias" else 3000
+    bias_scales = np.float32(in_q.scale) * np.asarray(w_scales, np.float32) * np.ones(cout, np.float32)
+    bias = b.constant(rng.integers(-span, span, cout).astype(np.int32),
+                      Q([float(s) for s in bias_scales], [0] * cout))
+    if case == "depthwise":
+        y = b.depthwise_conv2d(x, wt, bias, out_q, stride=2, padding="SAME", activation="RELU")
+    else:
+        y = b.conv2d(x, wt, bias, out_q, stride=1, padding="SAME", activation="NONE")
+    b.output(y)
+    assert_matches_reference(b, tmp_path, scheduled_for=tvm.target.Target(SCHEDULED_TARGETS[isa]))
 
 
 @pytest.mark.parametrize("dtype,multiplier,padding,stride,activation", [

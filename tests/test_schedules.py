@@ -318,3 +318,54 @@ def test_pool_and_softmax_tails_are_one_kernel_each(tmp_path: Path) -> None:
     want = reference.get_tensor(reference.get_output_details()[0]["index"])
     target = VNNI if _host_has(VNNI) else X86
     np.testing.assert_array_equal(_run(build_cpu(mod, target), [image])[0].reshape(want.shape), want)
+
+
+def _high_multiply_module(shift: int, offset: int, scalar_multiplier: bool) -> tvm.IRModule:
+    """out = int32((int64(a) * int64(m) + offset) >> shift), vectorized 16 lanes at a time."""
+    from tvm import te, tirx
+
+    a = te.placeholder((256,), "int32", name="a")
+    m = te.placeholder((256,), "int32", name="m")
+
+    def element(i):
+        factor = tirx.const(1_518_500_250, "int64") if scalar_multiplier else m[i].astype("int64")
+        return ((a[i].astype("int64") * factor + tirx.const(offset, "int64")) >> tirx.const(shift, "int64")).astype("int32")
+
+    out = te.compute((256,), element, name="out")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([a, m, out]))
+    _, inner = sch.split(sch.get_loops(sch.get_sblock("out"))[0], [None, 16])
+    sch.vectorize(inner)
+    return tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")})
+
+
+@pytest.mark.parametrize("target", [X86, VNNI], ids=["avx2", "vnni"])
+@pytest.mark.parametrize("shift,offset,scalar", [(31, 1 << 30, False), (31, 1 << 30, True), (1, 1, False),
+                                                 (32, -7, False), (40, 1 << 39, False), (63, 0, False)])
+def test_high_multiply_runs_as_even_odd_pmuldq(target: tvm.target.Target, shift: int, offset: int,
+                                               scalar: bool) -> None:
+    """x86 builds take a requantization's 64-bit product as pmuldq on even and odd lanes, without
+    widening int32 lanes to 64 bits and narrowing them back (TVM's build does both), and give the
+    same bits as TVM's build on the whole int32 range."""
+    from edgeq.schedules.pipeline import tir_pipeline_for
+
+    if not _host_has(target):
+        pytest.skip(f"this CPU cannot run {target.attrs['mcpu']} code")
+    mod = _high_multiply_module(shift, offset, scalar)
+    ours = tvm.compile(mod, target=target, tir_pipeline=tir_pipeline_for(target))
+    stock = tvm.compile(mod, target=target)
+    def assembly(lib: object) -> str:
+        return (lib.inspect_source if hasattr(lib, "inspect_source") else lib.mod.inspect_source)("asm")
+
+    widen_or_narrow = r"\tvpmov[sz]xdq\s|\tvpmovqd\s"
+    assert re.search(widen_or_narrow, assembly(stock))
+    assert "vpmuldq" in assembly(ours) and not re.search(widen_or_narrow, assembly(ours))
+    rng = np.random.default_rng(shift)
+    a = rng.integers(-(1 << 31), 1 << 31, 256, dtype=np.int64).astype(np.int32)
+    m = rng.integers(-(1 << 31), 1 << 31, 256, dtype=np.int64).astype(np.int32)
+    a[:4], m[:4] = [-(1 << 31), (1 << 31) - 1, -1, 0], [-(1 << 31), (1 << 31) - 1, (1 << 31) - 1, -(1 << 31)]
+    results = []
+    for lib in (ours, stock):
+        out = tvm.runtime.tensor(np.zeros(256, np.int32))
+        lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(m), out)
+        results.append(out.numpy())
+    np.testing.assert_array_equal(results[0], results[1])

@@ -11,7 +11,7 @@ from tvm import relax
 
 from ..errors import UnsupportedModelError
 from .context import Lowered, LoweringContext, activation_of, require_quantized
-from .fixedpoint import activation_range, quantize_multiplier
+from .fixedpoint import DTYPE_RANGE, activation_range, quantize_multiplier
 from .graph import Operator, Tensor
 from .relax_int import array_const, requantize_float_to, requantize_to
 
@@ -64,6 +64,16 @@ def _folded_bias(ctx: LoweringContext, op: Operator, bias_index: int, weight_sum
     return relax.const(((folded + (1 << 31)) % (1 << 32) - (1 << 31)).astype(np.int32), "int32")
 
 
+def _accumulator_bound(ctx: LoweringContext, inp: Tensor, bias_index: int, abs_weight_sums: np.ndarray) -> int:
+    """The largest |sum((x - zx) * w) + bias| any input can give, over the output channels."""
+    qmin, qmax = DTYPE_RANGE[inp.dtype]
+    span = max(inp.quant.zp - qmin, qmax - inp.quant.zp)
+    bias = np.zeros(abs_weight_sums.shape, np.int64)
+    if bias_index >= 0 and ctx.tensor(bias_index).data is not None:
+        bias = np.abs(ctx.tensor(bias_index).data.astype(np.int64))
+    return int((span * abs_weight_sums.astype(np.int64) + bias).max())
+
+
 def _pad_input(ctx: LoweringContext, x, inp: Tensor, pads_hw) -> relax.Expr:
     (top, bottom), (left, right) = pads_hw
     if not (top or bottom or left or right):
@@ -86,10 +96,12 @@ def _conv(ctx: LoweringContext, op: Operator, depthwise: bool) -> Lowered:
         kernel = weights[0][:, :, None, :]
         groups = inp.shape[3]
         weight_sums = weights[0].astype(np.int64).sum(axis=(0, 1))
+        abs_weight_sums = np.abs(weights[0].astype(np.int64)).sum(axis=(0, 1))
     else:  # OHWI -> HWIO; grouped when the filter's input depth is smaller than the input's
         kernel = weights.transpose(1, 2, 3, 0)
         groups = inp.shape[3] // filt.shape[3]
         weight_sums = weights.astype(np.int64).sum(axis=(1, 2, 3))
+        abs_weight_sums = np.abs(weights.astype(np.int64)).sum(axis=(1, 2, 3))
     kh, kw = kernel.shape[0], kernel.shape[1]
     if o.Padding() == 0:  # SAME
         pads = (same_padding(inp.shape[1], kh, stride[0], dilation[0]), same_padding(inp.shape[2], kw, stride[1], dilation[1]))
@@ -107,7 +119,9 @@ def _conv(ctx: LoweringContext, op: Operator, depthwise: bool) -> Lowered:
     multiplier, shift = _multipliers(ctx, inp, filt, out, channels)
     lo, hi = activation_range(activation_of(op), out.dtype, out.quant.s, out.quant.zp)
     single = ctx.kernels == "optimized"
-    ctx.set(op.outputs[0], requantize_to(ctx.bb, acc, multiplier, shift, out.quant.zp, lo, hi, out.dtype, single))
+    bound = _accumulator_bound(ctx, inp, b_index, abs_weight_sums)
+    ctx.set(op.outputs[0], requantize_to(
+        ctx.bb, acc, multiplier, shift, out.quant.zp, lo, hi, out.dtype, single, acc_bound=bound))
     macs = int(np.prod(out.shape)) * kh * kw * kernel.shape[2]
     return Lowered(macs=macs)
 

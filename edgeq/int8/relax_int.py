@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax, te, tirx
 
-from .fixedpoint import DTYPE_RANGE
+from .fixedpoint import DTYPE_RANGE, INT32_MAX
 
 R = relax.op
 
@@ -49,30 +49,38 @@ def clamp_cast(bb: relax.BlockBuilder, x: relax.Expr, lo: int, hi: int, dtype: s
 
 def _fixed_point_requantize(
     bb: relax.BlockBuilder, x: relax.Expr, multiplier, shift, single_rounding: bool,
-    output: tuple[int, int, int, str] | None,
+    output: tuple[int, int, int, str] | None, acc_bound: int | None = None,
 ) -> relax.Expr:
     """One elementwise TIR block: TFLite's MultiplyByQuantizedMultiplier on an int32 tensor, then
     (with ``output`` = (zero point, lo, hi, dtype)) the zero point, the clamp and the narrowing cast.
 
     Everything runs in int32 except the 32x32->64-bit product (LLVM emits ``pmuldq`` for it), so
-    a conv's epilogue costs a few vector instructions per output.
+    a conv's epilogue costs a few vector instructions per output. ``acc_bound``, a bound on |x|
+    known from the weights, allows the shorter rounding shift of :func:`_rounding_shift_terms`.
     """
     assert output is not None or not single_rounding, "single rounding returns the clamped output only"
     multiplier = np.atleast_1d(np.asarray(multiplier, np.int64))
     shift = np.atleast_1d(np.asarray(shift, np.int64))
+    zero_point = output[0] if output is not None else 0
+    short = None
     if single_rounding:
         total = 31 - shift  # (x * m + 2^(total-1)) >> total, one rounding, halves up
         params = {"multiplier": multiplier, "total": total, "half": np.left_shift(np.int64(1), total - 1)}
         wide = ("total", "half")
     else:
         right = np.maximum(-shift, 0)
-        mask = np.left_shift(np.int64(1), right) - 1
-        params = {"multiplier": multiplier, "left": np.maximum(shift, 0), "right": right, "mask": mask,
-                  "threshold": mask >> 1}
+        params = {"multiplier": multiplier, "left": np.maximum(shift, 0), "right": right}
+        short = _rounding_shift_terms(right, zero_point, acc_bound) if np.all(shift <= 0) else None
+        if short is None:
+            mask = np.left_shift(np.int64(1), right) - 1
+            params.update(mask=mask, threshold=mask >> 1)
+        else:
+            params.update(short[0])
         wide = ()
     channel = {k: v for k, v in params.items() if v.size > 1 and not np.all(v == v[0])}
     names = sorted(channel)
     dtypes = {k: ("int64" if k in wide else "int32") for k in params}
+    folded_zero_point = short is not None and short[1]
 
     def compute(tensor: te.Tensor, *channel_tensors: te.Tensor) -> te.Tensor:
         by_name = dict(zip(names, channel_tensors))
@@ -90,7 +98,7 @@ def _fixed_point_requantize(
                 return tirx.const(value, "int64")
 
             value = tensor(*index)
-            if not single_rounding:  # x * (1 << left) wraps in int32 in TFLite
+            if not single_rounding and short is None:  # x * (1 << left) wraps in int32 in TFLite
                 value = value * (i32(1) << param("left"))
             product = value.astype("int64") * param("multiplier").astype("int64")
             if single_rounding:
@@ -100,18 +108,25 @@ def _fixed_point_requantize(
                 # products) followed by C's truncating division by 2^31 is exactly an arithmetic
                 # shift of (ab + 2^30) (the multiplier is positive: no saturation case).
                 high = ((product + i64(1 << 30)) >> i64(31)).astype("int32")
-                # RoundingDivideByPOT (halves away from zero), gemmlowp's int32 formulation. The
-                # repeated subexpression is one value for LLVM (the input is read once).
-                up = (high & param("mask")) > param("threshold") + (high < i32(0)).astype("int32")
-                scaled = (high >> param("right")) + up.astype("int32")
+                if short is not None:
+                    sign = high >> i32(31)  # -1 below zero
+                    if "sign_mask" in params:
+                        sign = sign & param("sign_mask")
+                    scaled = (high + param("offset") + sign) >> param("right")
+                else:
+                    # RoundingDivideByPOT (halves away from zero), gemmlowp's int32 formulation.
+                    # The repeated subexpression is one value for LLVM (the input is read once).
+                    up = (high & param("mask")) > param("threshold") + (high < i32(0)).astype("int32")
+                    scaled = (high >> param("right")) + up.astype("int32")
             if output is None:
                 return scaled
             zero_point, lo, hi, dtype = output
             if single_rounding:  # clamp while still 64-bit: a left-shifting scale may leave int32
                 bounded = tirx.max(tirx.min(scaled, i64(hi - zero_point)), i64(lo - zero_point))
                 return (bounded.astype("int32") + i32(zero_point)).astype(dtype)
-            # int32 like TFLite: + zero point, clamp, narrow
-            return tirx.max(tirx.min(scaled + i32(zero_point), i32(hi)), i32(lo)).astype(dtype)
+            if not folded_zero_point:  # int32 like TFLite: + zero point, clamp, narrow
+                scaled = scaled + i32(zero_point)
+            return tirx.max(tirx.min(scaled, i32(hi)), i32(lo)).astype(dtype)
 
         return te.compute(tensor.shape, body, name="requantize")
 
@@ -120,6 +135,34 @@ def _fixed_point_requantize(
         x = bb.emit(R.astype(x, "int32"))
     constants = [array_const(channel[n].astype(dtypes[n])) for n in names]
     return bb.emit_te(compute, x, *constants)
+
+
+def _rounding_shift_terms(
+    right: np.ndarray, zero_point: int, acc_bound: int | None
+) -> tuple[dict[str, np.ndarray], bool] | None:
+    """RoundingDivideByPOT(h, r) + zero point as one add and one shift, where overflow is ruled out.
+
+    gemmlowp rounds h / 2^r half away from zero: (h >> r) + (remainder > threshold), threshold one
+    larger below zero. That is exactly (h + 2^(r-1) - [h < 0]) >> r for r >= 1, and adding
+    zero_point * 2^r before the shift adds zero_point after it. ``h`` is the high multiply of the
+    accumulator by a multiplier below 2^31, so |h| <= |acc| <= ``acc_bound``; the form is used only
+    when that bound plus the offset cannot overflow int32. Channels with r = 0 keep h as it is
+    (their sign term is masked off). Returns the per-channel terms and whether the zero point is
+    folded in, or None.
+    """
+    if acc_bound is None:
+        return None
+    half = np.where(right > 0, np.left_shift(np.int64(1), np.maximum(right - 1, 0)), 0)
+    with_zero_point = half + np.left_shift(np.int64(zero_point), right)
+    if acc_bound + 1 + int(np.abs(with_zero_point).max()) <= INT32_MAX:
+        terms, folded = {"offset": with_zero_point}, True
+    elif acc_bound + 1 + int(half.max()) <= INT32_MAX:
+        terms, folded = {"offset": half}, False
+    else:
+        return None
+    if np.any(right == 0):
+        terms["sign_mask"] = np.where(right > 0, -1, 0).astype(np.int64)
+    return terms, folded
 
 
 def multiply_by_quantized_multiplier(
@@ -162,15 +205,16 @@ def round_half_away_float(bb: relax.BlockBuilder, x: relax.Expr, scale, *, divid
 
 def requantize_to(
     bb: relax.BlockBuilder, acc: relax.Expr, multiplier, shift, zero_point: int, lo: int, hi: int, dtype: str,
-    single_rounding: bool = False,
+    single_rounding: bool = False, acc_bound: int | None = None,
 ) -> relax.Expr:
     """acc (int32) -> MultiplyByQuantizedMultiplier + zero point, clamped to [lo, hi], as dtype.
 
     ``single_rounding``: (acc * multiplier + 2**(30 - shift)) >> (31 - shift), one rounding with
     halves up - what TFLite's optimized int8 conv/depthwise/FC kernels compute on x86 (ruy's
     MultiplyByQuantizedMultiplier and the NEON vqdmulh + rounding-shift path agree).
+    ``acc_bound``: a bound on |acc| (from the weights) that lets the rounding shift take fewer steps.
     """
-    return _fixed_point_requantize(bb, acc, multiplier, shift, single_rounding, (zero_point, lo, hi, dtype))
+    return _fixed_point_requantize(bb, acc, multiplier, shift, single_rounding, (zero_point, lo, hi, dtype), acc_bound)
 
 
 def requantize_float_to(

@@ -11,6 +11,7 @@ from tvm.relax.backend.cpu_generic import pipeline as generic
 from .dotprod import PackForDotProduct
 from .float_exact import SeparateFloatMultiplyAdd
 from .fusion import legalize_and_fuse_passes
+from .high_multiply import EvenOddHighMultiply
 from .rules import schedule_func
 from .target import cpu_info
 
@@ -80,7 +81,32 @@ def cpu_pipeline(
     return _pipeline
 
 
+X86_TIR_PIPELINE = "edgeq_x86"
+
+
+def _x86_tir_pipeline():
+    """TVM's TIR lowering, then the even/odd ``pmuldq`` form of vectorized high multiplies."""
+    lower, finalize_host, finalize_device = tvm.tirx.get_tir_pipeline("s_tir")
+
+    @tvm.transform.module_pass(opt_level=0, name="edgeq.X86TIRPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        return EvenOddHighMultiply()(lower(mod))
+
+    return _pipeline, finalize_host, finalize_device
+
+
+tvm.tirx.compilation_pipeline.register_tir_pipeline(X86_TIR_PIPELINE, _x86_tir_pipeline)
+
+
+def tir_pipeline_for(target: tvm.target.Target) -> str:
+    """The TIR lowering pipeline for a CPU target: edgeq's on x86 with AVX2 or AVX-512."""
+    info = cpu_info(target)
+    return X86_TIR_PIPELINE if not info.is_arm and info.vector_bits >= 256 else "default"
+
+
 def build_cpu(mod: tvm.IRModule, target: tvm.target.Target, **options) -> relax.Executable:
     """Compile a Relax module for a CPU ``target`` with edgeq's default schedules
     (``options``: those of :func:`cpu_pipeline`)."""
-    return tvm.compile(mod, target=target, relax_pipeline=cpu_pipeline(target, **options))
+    return tvm.compile(
+        mod, target=target, relax_pipeline=cpu_pipeline(target, **options), tir_pipeline=tir_pipeline_for(target)
+    )
