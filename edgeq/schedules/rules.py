@@ -40,6 +40,9 @@ _MAX_WIDTH_TILE = 12
 # several times (integer requantization) would otherwise grow exponentially along a chain.
 _MAX_INLINED_NODES = 64
 _MAX_DUPLICATED_NODES = 64
+# A value read once only adds its nodes: such chains (a requantization, then the uint8 shift of
+# the next layer's input, then its cast) may grow this far.
+_MAX_SINGLE_READ_NODES = 256
 # Functions whose largest loop nest is smaller than this keep the default (unscheduled) code.
 _MIN_SCHEDULED_ELEMS = 512
 _CHEAP_CALLS = IF_THEN_ELSE
@@ -136,7 +139,8 @@ def _inline_grows_ok(sch: s_tir.Schedule, block: SBlockRV) -> bool:
     for consumer in sch.get_consumers(block):
         nodes = _walk(sch.get(consumer).body)
         reads = sum(1 for n in nodes if isinstance(n, tvm.ir.expr.TensorLoad) and n.source.same_as(buffer))
-        if len(nodes) + reads * size > _MAX_INLINED_NODES or (reads > 1 and size > _MAX_DUPLICATED_NODES):
+        limit = _MAX_SINGLE_READ_NODES if reads <= 1 else _MAX_INLINED_NODES
+        if len(nodes) + reads * size > limit or (reads > 1 and size > _MAX_DUPLICATED_NODES):
             return False
     return True
 
