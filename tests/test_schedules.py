@@ -110,6 +110,21 @@ def depthwise_module() -> tvm.IRModule:
     return _module((1, 20, 20, 24), body)
 
 
+def depthwise_hwio_module(kernel: int = 3, stride: int = 1, channels: int = 32) -> tvm.IRModule:
+    """A depthwise conv as edgeq's integer lowering emits it: explicit pad (the input zero point),
+    HWIO filter [k, k, 1, C], groups = C. On VNNI its window columns run on vpdpbusd."""
+    weight = _int8(kernel, kernel, 1, channels)
+
+    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        half = kernel // 2
+        padded = bb.emit(relax.op.nn.pad(x, pad_width=[0, 0, half, half, half, half, 0, 0], pad_value=-3.0))
+        acc = bb.emit(relax.op.nn.conv2d(padded, relax.const(weight), strides=stride, groups=channels,
+                                         data_layout="NHWC", kernel_layout="HWIO", out_dtype="int32"))
+        return _requant(bb, acc, 1_300_000_000, 37)
+
+    return _module((1, 17, 19, channels), body)
+
+
 def dense_module() -> tvm.IRModule:
     """int8 (1, 256) x (256, 40) matmul to int32, integer requantization."""
     weight = _int8(256, 40)
@@ -181,9 +196,11 @@ def test_builds_for_aarch64_neon() -> None:
     "make",
     [conv_module, lambda: conv_module("HWIO", stride=2), conv_padded_output_module,
      lambda: conv_padded_output_module(before=1), depthwise_module, dense_module, pointwise_module, stem_module,
-     grayscale_module, lambda: grayscale_module(kernel=5, stride=1, channels=16)],
+     grayscale_module, lambda: grayscale_module(kernel=5, stride=1, channels=16), depthwise_hwio_module,
+     lambda: depthwise_hwio_module(kernel=5, stride=2, channels=48), lambda: depthwise_hwio_module(channels=24)],
     ids=["conv-ohwi", "conv-hwio-s2", "conv-padded-output", "conv-padded-output-shifted", "depthwise", "dense",
-         "pointwise", "stem", "grayscale-3x3-s2", "grayscale-5x5"],
+         "pointwise", "stem", "grayscale-3x3-s2", "grayscale-5x5", "depthwise-3x3", "depthwise-5x5-s2",
+         "depthwise-24"],
 )
 def test_int8_outputs_bit_identical(make: object, target: tvm.target.Target) -> None:
     if not _host_has(target):
@@ -221,6 +238,21 @@ def test_int8_kernels_use_dot_product_instructions(make: object, target: tvm.tar
     build_cpu(make(), target).export_library(str(library))
     listing = subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True, check=True).stdout
     assert re.search(rf"\t{instruction}\s", listing), f"no {instruction} in the {target.attrs['mcpu']} library"
+
+
+def test_depthwise_runs_window_columns_on_vnni(tmp_path: Path) -> None:
+    """On VNNI a depthwise conv packs each window column's rows into the bytes of one int32 per
+    channel, per tile of the output (not as a whole tensor), and takes 4 rows a vpdpbusd."""
+    funcs = _scheduled_prim_funcs(depthwise_hwio_module(kernel=5), VNNI)
+    (conv,) = [text for name, text in funcs.items() if "depthwise" in name]
+    tiles = conv[conv.index("T.parallel(") :]
+    assert 'sblock("depthwise_rows")' in tiles and "llvm.x86.avx512.vpdpbusd" in tiles
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump missing (binutils)")
+    library = tmp_path / "lib.so"
+    build_cpu(depthwise_hwio_module(kernel=5), VNNI).export_library(str(library))
+    listing = subprocess.run(["objdump", "-d", str(library)], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"\tvpdpbusd\s", listing) and not re.search(r"\tvpmulld\s", listing)
 
 
 @pytest.mark.slow

@@ -114,8 +114,56 @@ def _pmaddwd_8x2_impl(
         )
 
 
+def _depthwise_desc(lanes: int):
+    """Per lane, 4 products of the lane's own 4 activation bytes (packed in one int32: the rows of
+    a depthwise window column) with the lane's 4 weights."""
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((lanes,), "int32", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(T.int64(lanes), T.int64(4)):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + (A[vi] >> T.Cast("int32", vk * T.int64(8)) & 255) * T.Cast("int32", B[vi, vk])
+
+    return desc
+
+
+def _depthwise_vnni_impl(lanes: int):
+    """``vpdpbusd`` with both operands loaded per lane (no broadcast)."""
+    width = {16: 512, 8: 256}[lanes]
+    bytes_ = f"int8x{4 * lanes}"
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((lanes,), "int32", offset_factor=1),
+        B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:lanes], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{width}"),
+                C.vload([0], dtype=f"int32x{lanes}"),
+                T.reinterpret(A.vload([0], dtype=f"int32x{lanes}"), dtype=bytes_),
+                B.vload([0, 0], dtype=bytes_),
+                dtype=f"int32x{lanes}",
+            )
+
+    return impl
+
+
 VNNI_16X4 = "edgeq_dot_16x4_vnni"
 VNNI_8X4 = "edgeq_dot_8x4_vnni"
+VNNI_DEPTHWISE_16X4 = "edgeq_depthwise_16x4_vnni"
+VNNI_DEPTHWISE_8X4 = "edgeq_depthwise_8x4_vnni"
 PMADDWD_8X2 = "edgeq_dot_8x2_pmaddwd"
 
 
@@ -151,6 +199,8 @@ def _register() -> None:
         (VNNI_8X4, _desc(8, 4, "uint8", "int8"), _vnni_impl(8)),
         (PMADDWD_8X2, _desc(8, 2, "int8", "int16"), _pmaddwd_8x2_impl),
         (SDOT_4X4, _desc(4, 4, "int8", "int8"), _sdot_4x4_impl),
+        (VNNI_DEPTHWISE_16X4, _depthwise_desc(16), _depthwise_vnni_impl(16)),
+        (VNNI_DEPTHWISE_8X4, _depthwise_desc(8), _depthwise_vnni_impl(8)),
     ):
         try:
             TensorIntrin.get(name)
@@ -161,6 +211,9 @@ def _register() -> None:
 _register()
 
 VNNI = (DotProduct(VNNI_16X4, 16, 4, "uint8", "int8"), DotProduct(VNNI_8X4, 8, 4, "uint8", "int8"))
+# Depthwise kernels on VNNI: each lane's 4 bytes are a window column's rows (see _dot_depthwise).
+VNNI_DEPTHWISE = (DotProduct(VNNI_DEPTHWISE_16X4, 16, 4, "uint8", "int8"),
+                  DotProduct(VNNI_DEPTHWISE_8X4, 8, 4, "uint8", "int8"))
 AVX2 = (DotProduct(PMADDWD_8X2, 8, 2, "int8", "int16", broadcast_cost=2),)  # vpbroadcastw + vpmovsxbw
 SDOT = (DotProduct(SDOT_4X4, 4, 4, "int8", "int8"),)
 
@@ -260,6 +313,46 @@ def _dot_conv2d_width_grouped(
     )
 
 
+DEPTHWISE_ROWS = "depthwise_rows"
+DEPTHWISE_CONV = "dot_depthwise"
+
+
+def _dot_depthwise(data: te.Tensor, packed: te.Tensor, strides, dilation, kh: int) -> te.Tensor:
+    """Depthwise conv2d on uint8 ``data`` [N, H, W, C] (channel multiplier 1) as per-lane dot
+    products: ``depthwise_rows`` packs, for each output row, input pixel and channel, the window
+    column's rows ``4g .. 4g+3`` into the bytes of one int32 (rows past ``kh`` are zero bytes);
+    each output sums, over the window's columns and row groups, those 4 bytes times its channel's
+    4 packed weights ``packed[col, g, c, 0..3]`` (``vpdpbusd`` with both operands per lane).
+    The schedule computes the packed rows per tile, next to the accumulators that use them."""
+    n, height, width, channels = (int(s) for s in data.shape)
+    kw, blocks, _, depth = (int(s) for s in packed.shape)
+    out_h = (height - (kh - 1) * dilation[0] - 1) // strides[0] + 1
+    out_w = (width - (kw - 1) * dilation[1] - 1) // strides[1] + 1
+
+    def pack(b, y, x, g, c):
+        word = tirx.const(0, "int32")
+        for k in range(depth):
+            tap = g * depth + k
+            row = tirx.min(y * strides[0] + tap * dilation[0], height - 1)  # rows past kh: zero
+            byte = tirx.Select(tap < kh, data[b, row, x, c].astype("int32"), tirx.const(0, "int32"))
+            word = word | (byte << (8 * k)) if k else byte
+        return word
+
+    rows = te.compute((n, out_h, width, blocks, channels), pack, name=DEPTHWISE_ROWS)
+    rw = te.reduce_axis((0, kw), "rw")
+    rg = te.reduce_axis((0, blocks), "rg")
+    rk = te.reduce_axis((0, tirx.const(depth, "int64")), "rk")
+    return te.compute(
+        (n, out_h, out_w, channels),
+        lambda b, y, x, c: te.sum(
+            (rows[b, y, x * strides[1] + rw * dilation[1], rg, c] >> (rk * tirx.const(8, "int64")).astype("int32") & 255)
+            * packed[rw, rg, c, rk].astype("int32"),
+            axis=[rw, rg, rk],
+        ),
+        name=DEPTHWISE_CONV,
+    )
+
+
 def _flatten_rows(data: te.Tensor) -> te.Tensor:
     """``[N, H, W, C]`` -> ``[N, H, W * C]`` (a view of the same bytes, written with simple indices)."""
     n, height, width, channels = (int(s) for s in data.shape)
@@ -308,10 +401,12 @@ class _Packer(PyExprMutator):
         data, weight = call.args
         attrs = call.attrs
         shape = _shape(data)
-        if shape is None or len(shape) != 4 or int(attrs.groups) != 1 or any(int(p) for p in attrs.padding):
+        if shape is None or len(shape) != 4 or any(int(p) for p in attrs.padding):
             return None
         if (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout)) != ("NHWC", "HWIO", "NHWC"):
             return None
+        if int(attrs.groups) != 1:
+            return self._depthwise(call)
         values = _weight_values(weight, self.dot)
         if values is None or values.ndim != 4 or not self._fits(data, str(attrs.out_dtype), values, pad_channels=True):
             return None
@@ -329,6 +424,34 @@ class _Packer(PyExprMutator):
             values = np.concatenate([values, np.zeros(values.shape[:2] + (missing, values.shape[3]), values.dtype)], axis=2)
             data = self.builder_.emit(R.nn.pad(data, [0, 0, 0, 0, 0, 0, 0, missing], pad_value=0.0))
         return self._emit(_dot_conv2d, data, values, strides, dilation)
+
+    def _depthwise(self, call: relax.Call) -> relax.Expr | None:
+        """A depthwise conv2d (one filter per channel) on VNNI: see :func:`_dot_depthwise`. The
+        weights pack as ``[kw, row groups, C, 4]``; the activations shift to uint8 (x + 128) and
+        -128 * sum(w) per channel goes back into the accumulator."""
+        data, weight = call.args
+        attrs = call.attrs
+        channels = _shape(data)[3]
+        values = _weight_values(weight, self.dot)
+        if self.dot.data_dtype != "uint8" or values is None or values.ndim != 4:
+            return None
+        if str(getattr(data.ty, "dtype", "")) != "int8" or str(attrs.out_dtype) != "int32":
+            return None
+        if int(attrs.groups) != channels or values.shape[2:] != (1, channels) or channels % VNNI_DEPTHWISE[-1].lanes:
+            return None
+        kh, kw = values.shape[:2]
+        depth = VNNI_DEPTHWISE[-1].depth
+        blocks = -(-kh // depth)
+        packed = np.zeros((kw, blocks * depth, channels), np.int8)
+        packed[:, :kh] = values[:, :, 0, :].transpose(1, 0, 2)
+        packed = packed.reshape(kw, blocks, depth, channels).transpose(0, 1, 3, 2)
+        self.rewritten += 1
+        acc = self.builder_.emit_te(
+            _dot_depthwise, self._to_uint8(data), relax.const(np.ascontiguousarray(packed), "int8"),
+            [int(s) for s in attrs.strides], [int(d) for d in attrs.dilation], kh, primfunc_name_hint=DEPTHWISE_CONV,
+        )
+        sums = values.astype(np.int64).sum(axis=(0, 1, 2))
+        return R.add(acc, relax.const((-128 * sums).astype(np.int32), "int32"))
 
     def _width_grouped(self, data: relax.Expr, values: np.ndarray, strides, dilation_h: int) -> relax.Expr | None:
         """A conv on an image with few channels (a grayscale or RGB input), its dot-product groups
@@ -443,6 +566,9 @@ def dot_for(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV, dots, vec_tile:
     store = stmt.body
     if not dots or not isinstance(store, tirx.BufferStore) or store.buffer.dtype != "int32":
         return None
+    if stmt.name_hint == DEPTHWISE_CONV:
+        usable = [d for d in VNNI_DEPTHWISE if vec_tile % d.lanes == 0] if dots == VNNI else []
+        return usable[0] if usable else None
     value = store.value
     if not (isinstance(value, tirx.Add) and isinstance(value.b, tirx.Mul)):
         return None

@@ -26,7 +26,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.schedule import LoopRV, SBlockRV
 from tvm.s_tir.schedule.analysis import is_output_block
 
-from .dotprod import DotProduct, dot_for, tensorize_dot
+from .dotprod import DEPTHWISE_ROWS, DotProduct, dot_for, tensorize_dot
 from .fusion import IF_THEN_ELSE, is_pad_value
 from .target import CpuInfo
 
@@ -297,6 +297,8 @@ def inline_injective(sch: s_tir.Schedule) -> None:
         for block in list(sch.get_child_blocks(_root(sch))):
             if _is_reduction(sch, block) or is_output_block(sch, block):
                 continue
+            if sch.get(block).name_hint == DEPTHWISE_ROWS:
+                continue  # packed once per tile for the dot products (see _anchored)
             feeds_reduction = any(_is_reduction(sch, c) for c in sch.get_consumers(block))
             if feeds_reduction and _has_costly_call(sch.get(block).body):
                 continue  # recomputed per multiply-add; padding (if_then_else) is cheaper inlined
@@ -469,8 +471,10 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
     if vec_extent % lanes:
         return False
 
+    packed_rows = [b for b in before if sch.get(b).name_hint == DEPTHWISE_ROWS]
     for block in before:
-        _schedule_elementwise(sch, block, info)
+        if block not in packed_rows:
+            _schedule_elementwise(sch, block, info)
 
     width = extents[n_spatial - 2] if n_spatial >= 2 else 1
     regs = info.vector_regs - 4
@@ -498,6 +502,10 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
     if dot is None:
         sch.vectorize(v_inner)
 
+    for block in packed_rows:  # a depthwise kernel's packed window rows: per tile, in its loops
+        sch.compute_at(block, outer[-1], preserve_unit_loops=True)
+        sch.unroll(sch.get_loops(block)[-2])  # the row groups: their zero rows fold away
+        _vectorize_innermost(sch, block)
     sch.reverse_compute_at(cache, outer[-1], preserve_unit_loops=True)
     _vectorize_innermost(sch, cache)
     tile_size = width_tile * vec_tile if n_spatial >= 2 else vec_tile
