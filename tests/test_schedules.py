@@ -401,3 +401,35 @@ def test_high_multiply_runs_as_even_odd_pmuldq(target: tvm.target.Target, shift:
         lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(m), out)
         results.append(out.numpy())
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_constant_adds_fold_into_one() -> None:
+    """(x + c1) + c2 with integer constants becomes x + (c1 + c2), wrapping like int32 does; on VNNI
+    a pointwise conv's uint8 correction and its bias are then one add."""
+    from edgeq.schedules.fusion import FoldConstantAdds
+
+    c1 = np.array([2**31 - 1, -5, 7], "int32")
+    c2 = np.array([1, 5, -9], "int32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 3), "int32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            inner = bb.emit(relax.op.add(x, relax.const(c1)))
+            out = bb.emit_output(relax.op.add(inner, relax.const(c2)))
+        bb.emit_func_output(out)
+    folded = FoldConstantAdds()(bb.get())
+    assert folded["main"].script().count("R.add(") == 1
+    values = np.array([[1, 2, 3], [-4, 5, 2**31 - 1]], "int32")
+    with np.errstate(over="ignore"):
+        want = values + c1 + c2
+    np.testing.assert_array_equal(_run(tvm.compile(folded, target=X86), [values])[0], want)
+    weight, bias = _int8(1, 1, 32, 48), RNG.integers(-999, 999, size=(48,)).astype("int32")
+
+    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        acc = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), data_layout="NHWC", kernel_layout="HWIO",
+                                         out_dtype="int32"))
+        return _requant(bb, bb.emit(relax.op.add(acc, relax.const(bias))), 1_400_000_000, 38)
+
+    kernels = _scheduled_prim_funcs(_module((1, 14, 14, 32), body), VNNI)
+    (conv,) = [name for name in kernels if "dot_conv2d" in name]
+    assert "_add" in conv and not re.search(r"add\d*_add", conv), conv

@@ -11,8 +11,10 @@ anchored schedule writes the conv's tiles straight into the padded buffer
 """
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import relax, s_tir, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
 
 _ELEMWISE = 0  # relax OpPatternKind.kElemWise
 _INJECTIVE = 2
@@ -75,11 +77,56 @@ class LabelPadsAndLookupsElementwise:
         return mod
 
 
+@mutator
+class _ConstantAddFolder(PyExprMutator):
+    def visit_call_(self, call: relax.Call) -> relax.Expr:  # noqa: D102
+        call = super().visit_call_(call)
+        if getattr(call.op, "name", "") != "relax.add" or not isinstance(call.args[0], relax.Var):
+            return call
+        inner = self.lookup_binding(call.args[0])
+        if not (isinstance(inner, relax.Call) and getattr(inner.op, "name", "") == "relax.add"):
+            return call
+        outer_constant, inner_constant = _int_constant(call.args[1]), _int_constant(inner.args[1])
+        if outer_constant is None or inner_constant is None or outer_constant.dtype != inner_constant.dtype:
+            return call
+        shape = getattr(call.ty, "shape", None)
+        x_shape = getattr(inner.args[0].ty, "shape", None)
+        if shape is None or x_shape is None or any(not isinstance(d, tirx.IntImm) for d in (*shape, *x_shape)):
+            return call
+        shape, x_shape = tuple(int(d) for d in shape), tuple(int(d) for d in x_shape)
+        total = inner_constant + outer_constant  # integer wrap-around: exact either way
+        if np.broadcast_shapes(x_shape, total.shape) != shape or x_shape != shape:
+            return call
+        return relax.op.add(inner.args[0], relax.const(total, str(total.dtype)))
+
+
+def _int_constant(expr: relax.Expr) -> np.ndarray | None:
+    if isinstance(expr, tvm.ir.expr.GenericConst):
+        values = expr.value.numpy()
+        if np.issubdtype(values.dtype, np.integer):
+            return values
+    return None
+
+
+@tvm.transform.module_pass(opt_level=0, name="edgeq.FoldConstantAdds")
+class FoldConstantAdds:
+    """``(x + c1) + c2`` -> ``x + (c1 + c2)`` for integer constants: a dot-product kernel's
+    uint8 correction (-128 * sum(w)) and the layer's folded bias become one add per output."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        folder = _ConstantAddFolder(mod)
+        for gvar, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                folder.builder_.update_func(gvar, folder.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(folder.builder_.get())
+
+
 def legalize_and_fuse_passes() -> list[tvm.transform.Pass]:
     """cpu_generic's legalization and fusion, with pads and lookups fused into their producers."""
     return [
         # An alias binding (y = x) ends FuseOps' chain: an average pool's clamp stayed a kernel of its own.
         relax.transform.CanonicalizeBindings(),
+        FoldConstantAdds(),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         LabelPadsAndLookupsElementwise(),
