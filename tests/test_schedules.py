@@ -433,3 +433,12 @@ def test_constant_adds_fold_into_one() -> None:
     kernels = _scheduled_prim_funcs(_module((1, 14, 14, 32), body), VNNI)
     (conv,) = [name for name in kernels if "dot_conv2d" in name]
     assert "_add" in conv and not re.search(r"add\d*_add", conv), conv
+
+
+def test_tiny_reductions_run_on_one_thread() -> None:
+    """A reduction of a few thousand multiply-adds (a classifier head) stays on one thread: waking
+    the pool costs more than it saves. A conv layer's kernel runs in parallel."""
+    (dense,) = [text for name, text in _scheduled_prim_funcs(dense_module(), VNNI).items() if "matmul" in name]
+    assert "T.parallel(" not in dense and "vpdpbusd" in dense
+    conv = [text for name, text in _scheduled_prim_funcs(pointwise_module(), VNNI).items() if "conv2d" in name]
+    assert conv and all("T.parallel(" in text for text in conv)

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 # Elementwise work below this many elements runs on one thread (pool wake-up costs ~µs).
 _MIN_PARALLEL_ELEMS = 4096
+# A reduction kernel runs on one thread below this many multiply-adds (or window elements): waking
+# the other threads and waiting for them costs more than they save.
+_MIN_PARALLEL_WORK = 32768
 # Largest register tile along the width axis.
 _MAX_WIDTH_TILE = 12
 # Inlining stops when a consumer's expression would grow past this many nodes: values read
@@ -537,7 +540,10 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
         except s_tir.ScheduleError:
             pass
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    if info.num_cores > 1 and (_int_extent(sch, fused) or 0) >= 2:
+    work = 1
+    for extent in extents:
+        work *= extent
+    if info.num_cores > 1 and (_int_extent(sch, fused) or 0) >= 2 and work >= _MIN_PARALLEL_WORK:
         sch.parallel(fused)  # before decompose_reduction: parallel needs the init in the block
     if reduce:
         init = sch.decompose_reduction(anchor, reduce[0])
