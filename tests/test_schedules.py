@@ -16,6 +16,7 @@ from edgeq.schedules import build_cpu, cpu_pipeline
 
 X86 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
 VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
+AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
 AARCH64 = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"]})
 RNG = np.random.default_rng(7)
 
@@ -149,9 +150,9 @@ def pointwise_module() -> tvm.IRModule:
 
 
 def _host_has(target: tvm.target.Target) -> bool:
-    """Whether this machine can run code built for ``target`` (x86 only: AVX2, or AVX-512 VNNI)."""
+    """Whether this machine can run code built for ``target`` (x86 only: AVX2, AVX-512 or AVX-512 VNNI)."""
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    needed = "avx512_vnni" if str(target.attrs.get("mcpu", "")) == "cascadelake" else "avx2"
+    needed = {"cascadelake": "avx512_vnni", "skylake-avx512": "avx512f"}.get(str(target.attrs.get("mcpu", "")), "avx2")
     return re.search(rf"\b{needed}\b", flags) is not None
 
 
@@ -370,12 +371,12 @@ def _high_multiply_module(shift: int, offset: int, scalar_multiplier: bool) -> t
     return tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")})
 
 
-@pytest.mark.parametrize("target", [X86, VNNI], ids=["avx2", "vnni"])
+@pytest.mark.parametrize("target", [AVX512, VNNI], ids=["avx512", "vnni"])
 @pytest.mark.parametrize("shift,offset,scalar", [(31, 1 << 30, False), (31, 1 << 30, True), (1, 1, False),
                                                  (32, -7, False), (40, 1 << 39, False), (63, 0, False)])
 def test_high_multiply_runs_as_even_odd_pmuldq(target: tvm.target.Target, shift: int, offset: int,
                                                scalar: bool) -> None:
-    """x86 builds take a requantization's 64-bit product as pmuldq on even and odd lanes, without
+    """AVX-512 builds take a requantization's 64-bit product as pmuldq on even and odd lanes, without
     widening int32 lanes to 64 bits and narrowing them back (TVM's build does both), and give the
     same bits as TVM's build on the whole int32 range."""
     from edgeq.schedules.pipeline import tir_pipeline_for

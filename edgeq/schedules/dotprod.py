@@ -7,7 +7,7 @@ one broadcast group of ``depth`` activations with ``depth`` weights of that lane
       for k in 0..depth:            # consecutive input channels (the reduction)
         C[i] += int32(A[k]) * int32(B[i, k])
 
-Two steps use them:
+They are used in three places:
 
 * :class:`PackForDotProduct` (Relax, before legalization) rewrites every NHWC conv2d (HWIO,
   ungrouped) and matmul with a constant 8-bit weight into a TE kernel reading the weight packed
@@ -16,6 +16,9 @@ Two steps use them:
   ``x + 128``, and ``-128 * sum(w)`` is added back per channel: exact in int32. An image with
   1-3 channels (a grayscale or RGB input) takes its groups along its flattened rows instead:
   the taps x channels of a window row are contiguous bytes (:func:`_dot_conv2d_width_grouped`).
+* On VNNI a depthwise conv2d (one filter per channel) becomes :func:`_dot_depthwise`: each tile
+  packs a window column's rows into the 4 bytes of an int32 per channel, and ``vpdpbusd`` takes
+  both operands per lane (no broadcast): 4 multiply-adds per instruction.
 * :func:`tensorize_dot` (TIR, from the anchored schedule) replaces the innermost
   ``lanes x depth`` loops of such a kernel with the instruction.
 
@@ -330,12 +333,15 @@ def _dot_depthwise(data: te.Tensor, packed: te.Tensor, strides, dilation, kh: in
     out_w = (width - (kw - 1) * dilation[1] - 1) // strides[1] + 1
 
     def pack(b, y, x, g, c):
-        word = tirx.const(0, "int32")
+        bytes_ = []
         for k in range(depth):
             tap = g * depth + k
             row = tirx.min(y * strides[0] + tap * dilation[0], height - 1)  # rows past kh: zero
             byte = tirx.Select(tap < kh, data[b, row, x, c].astype("int32"), tirx.const(0, "int32"))
-            word = word | (byte << (8 * k)) if k else byte
+            bytes_.append(byte << (8 * k) if k else byte)
+        word = bytes_[0]
+        for byte in bytes_[1:]:
+            word = word | byte
         return word
 
     rows = te.compute((n, out_h, width, blocks, channels), pack, name=DEPTHWISE_ROWS)
