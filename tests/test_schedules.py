@@ -111,16 +111,17 @@ def depthwise_module() -> tvm.IRModule:
     return _module((1, 20, 20, 24), body)
 
 
-def depthwise_hwio_module(kernel: int = 3, stride: int = 1, channels: int = 32) -> tvm.IRModule:
+def depthwise_hwio_module(kernel: int = 3, stride: int = 1, channels: int = 32, dilation: int = 1) -> tvm.IRModule:
     """A depthwise conv as edgeq's integer lowering emits it: explicit pad (the input zero point),
     HWIO filter [k, k, 1, C], groups = C. On VNNI its window columns run on vpdpbusd."""
     weight = _int8(kernel, kernel, 1, channels)
 
     def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
-        half = kernel // 2
+        half = kernel // 2 * dilation
         padded = bb.emit(relax.op.nn.pad(x, pad_width=[0, 0, half, half, half, half, 0, 0], pad_value=-3.0))
-        acc = bb.emit(relax.op.nn.conv2d(padded, relax.const(weight), strides=stride, groups=channels,
-                                         data_layout="NHWC", kernel_layout="HWIO", out_dtype="int32"))
+        acc = bb.emit(relax.op.nn.conv2d(padded, relax.const(weight), strides=stride, dilation=dilation,
+                                         groups=channels, data_layout="NHWC", kernel_layout="HWIO",
+                                         out_dtype="int32"))
         return _requant(bb, acc, 1_300_000_000, 37)
 
     return _module((1, 17, 19, channels), body)
@@ -198,10 +199,11 @@ def test_builds_for_aarch64_neon() -> None:
     [conv_module, lambda: conv_module("HWIO", stride=2), conv_padded_output_module,
      lambda: conv_padded_output_module(before=1), depthwise_module, dense_module, pointwise_module, stem_module,
      grayscale_module, lambda: grayscale_module(kernel=5, stride=1, channels=16), depthwise_hwio_module,
-     lambda: depthwise_hwio_module(kernel=5, stride=2, channels=48), lambda: depthwise_hwio_module(channels=24)],
+     lambda: depthwise_hwio_module(kernel=5, stride=2, channels=48), lambda: depthwise_hwio_module(channels=24),
+     lambda: depthwise_hwio_module(dilation=2)],
     ids=["conv-ohwi", "conv-hwio-s2", "conv-padded-output", "conv-padded-output-shifted", "depthwise", "dense",
          "pointwise", "stem", "grayscale-3x3-s2", "grayscale-5x5", "depthwise-3x3", "depthwise-5x5-s2",
-         "depthwise-24"],
+         "depthwise-24", "depthwise-dilated"],
 )
 def test_int8_outputs_bit_identical(make: object, target: tvm.target.Target) -> None:
     if not _host_has(target):
