@@ -238,10 +238,26 @@ def lookup(bb: relax.BlockBuilder, x: relax.Expr, table: np.ndarray) -> relax.Ex
 def rounded_division(bb: relax.BlockBuilder, acc: relax.Expr, count: np.ndarray | int) -> relax.Expr:
     """(acc +- count/2) / count with C truncation: TFLite's integer average (halves away from zero); int32.
 
-    One elementwise block (``count`` a scalar or a constant broadcast against ``acc``).
+    One elementwise block (``count`` a scalar or a constant broadcast against ``acc``). A scalar
+    power of two 2^k is a shift: (acc + 2^(k-1) - [acc < 0]) >> k gives the same quotient (below
+    zero, -((2^(k-1) - acc) / 2^k) truncated is floor((acc + 2^(k-1) - 1) / 2^k)), for sums far
+    from the int32 limits as a window of 8-bit values is.
     """
     count = np.asarray(count, np.int32)
     per_position = count.ndim > 0
+    if not per_position and int(count) > 1 and int(count) & (int(count) - 1) == 0:
+        bits = int(count).bit_length() - 1
+
+        def shift(total: te.Tensor) -> te.Tensor:
+            def body(*index):
+                v = total(*index)
+                return (v + tirx.const(1 << (bits - 1), "int32") + (v >> tirx.const(31, "int32"))) >> tirx.const(
+                    bits, "int32"
+                )
+
+            return te.compute(total.shape, body, name="rounded_division")
+
+        return bb.emit_te(shift, acc)
 
     def compute(total: te.Tensor, *counts: te.Tensor) -> te.Tensor:
         def body(*index):
