@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to the read-only models and pictures in ``../shared``."""
+"""Shared fixtures: paths to the read-only models and pictures in ``../shared``, the host CPU's flags."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,3 +15,9 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is missing: these tests need the shared models and pictures beside the repo")
     return path
+
+
+def cpu_has(flag: str) -> bool:
+    """Whether this machine's CPU lists ``flag`` (e.g. ``avx2``, ``avx512_vnni``) in /proc/cpuinfo."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.exists() and flag in cpuinfo.read_text().split()

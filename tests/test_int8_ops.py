@@ -6,7 +6,6 @@ define the integer semantics); outputs must be bit-identical.
 from __future__ import annotations
 
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 litert = pytest.importorskip("ai_edge_litert.interpreter")
 
+from conftest import cpu_has  # noqa: E402
 from edgeq.int8 import import_integer  # noqa: E402
 from edgeq.tflite_builder import Q, TFLiteBuilder  # noqa: E402
 
@@ -137,9 +137,7 @@ SCHEDULED_TARGETS = {
 
 def _host_runs(isa: str) -> bool:
     """Whether this machine can run code built for ``isa`` (AVX2, or AVX-512 VNNI)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
-    return ("avx512_vnni" if isa == "vnni" else "avx2") in flags
+    return cpu_has("avx512_vnni" if isa == "vnni" else "avx2")
 
 
 @pytest.mark.parametrize("isa", sorted(SCHEDULED_TARGETS))

@@ -11,7 +11,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from conftest import shared_path
+from conftest import cpu_has, shared_path
 from edgeq.schedules import build_cpu, cpu_pipeline
 
 X86 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
@@ -152,9 +152,7 @@ def pointwise_module() -> tvm.IRModule:
 
 def _host_has(target: tvm.target.Target) -> bool:
     """Whether this machine can run code built for ``target`` (x86 only: AVX2, AVX-512 or AVX-512 VNNI)."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    needed = {"cascadelake": "avx512_vnni", "skylake-avx512": "avx512f"}.get(str(target.attrs.get("mcpu", "")), "avx2")
-    return re.search(rf"\b{needed}\b", flags) is not None
+    return cpu_has({"cascadelake": "avx512_vnni", "skylake-avx512": "avx512f"}.get(str(target.attrs.get("mcpu", "")), "avx2"))
 
 
 def _run(executable: relax.Executable, inputs: list[np.ndarray]) -> list[np.ndarray]:

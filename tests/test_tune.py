@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, shared_path
+from conftest import REPO_ROOT, cpu_has, shared_path
 from processes import Process
 from edgeq.devices import host_arch
 from edgeq.errors import EdgeqError, RemoteError, UnknownDeviceError
@@ -162,7 +162,7 @@ def test_applied_database_swaps_the_tuned_kernel_and_stays_bit_exact(tuned, tmp_
         bundles[tag] = edgeq.package(model_path(), tmp_path / f"{tag}.edgeq", options)
     assert [TASK in n for n in bundles["tuned"].manifest.compile_report["tuned_kernels"]] == [True]
     assert "tuned_kernels" not in bundles["default"].manifest.compile_report
-    if "avx2" in open("/proc/cpuinfo").read():
+    if cpu_has("avx2"):
         predictors = {tag: edgeq.load(b.path) for tag, b in bundles.items()}
         data = rng.integers(-128, 128, size=spec.shape, dtype=np.int64).astype(spec.dtype)
         np.testing.assert_array_equal(predictors["tuned"].run(data)[0], predictors["default"].run(data)[0])
