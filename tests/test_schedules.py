@@ -127,9 +127,9 @@ def depthwise_hwio_module(kernel: int = 3, stride: int = 1, channels: int = 32, 
     return _module((1, 17, 19, channels), body)
 
 
-def dense_module() -> tvm.IRModule:
-    """int8 (1, 256) x (256, 40) matmul to int32, integer requantization."""
-    weight = _int8(256, 40)
+def dense_module(columns: int = 40) -> tvm.IRModule:
+    """int8 (1, 256) x (256, columns) matmul to int32, integer requantization."""
+    weight = _int8(256, columns)
 
     def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
         acc = bb.emit(relax.op.matmul(x, relax.const(weight), out_dtype="int32"))
@@ -441,5 +441,8 @@ def test_tiny_reductions_run_on_one_thread() -> None:
     the pool costs more than it saves. A conv layer's kernel runs in parallel."""
     (dense,) = [text for name, text in _scheduled_prim_funcs(dense_module(), VNNI).items() if "matmul" in name]
     assert "T.parallel(" not in dense and "vpdpbusd" in dense
+    # Three classes: too narrow for the dot-product tiles, scheduled as a plain reduction.
+    (head,) = [text for name, text in _scheduled_prim_funcs(dense_module(3), VNNI).items() if "matmul" in name]
+    assert "vpdpbusd" not in head and "T.parallel(" not in head
     conv = [text for name, text in _scheduled_prim_funcs(pointwise_module(), VNNI).items() if "conv2d" in name]
     assert conv and all("T.parallel(" in text for text in conv)

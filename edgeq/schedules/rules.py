@@ -379,7 +379,8 @@ def _rows_contiguous(sch: s_tir.Schedule, block: SBlockRV) -> bool:
 
 
 def _schedule_reduction_generic(sch: s_tir.Schedule, block: SBlockRV, info: CpuInfo) -> None:
-    """Parallelize the spatial loops that enclose a reduction (leading 'S' loops)."""
+    """Parallelize the spatial loops that enclose a reduction (leading 'S' loops), unless it is
+    smaller than :data:`_MIN_PARALLEL_WORK` in all."""
     loops = sch.get_loops(block)
     spatial = []
     for loop, iv in zip(loops, sch.get(block).iter_vars):
@@ -388,9 +389,13 @@ def _schedule_reduction_generic(sch: s_tir.Schedule, block: SBlockRV, info: CpuI
         spatial.append(loop)
     if not spatial:
         return
+    extents = [_int_extent(sch, loop) for loop in loops]
+    work = _MIN_PARALLEL_WORK if None in extents else 1
+    for extent in extents:
+        work *= extent or 1
     fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
     extent = _int_extent(sch, fused)
-    if extent is not None and extent >= 2 and info.num_cores > 1:
+    if extent is not None and extent >= 2 and info.num_cores > 1 and work >= _MIN_PARALLEL_WORK:
         sch.parallel(fused)
 
 
