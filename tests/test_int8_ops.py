@@ -296,6 +296,22 @@ def test_quantize(tmp_path, src, dst):
     assert report.ops_integer == (0 if src == "float32" else 1)
 
 
+@pytest.mark.parametrize(
+    "src,dst,offset,table", [("uint8", "int8", -128, False), ("int8", "uint8", 128, False), ("uint8", "int8", -127, True)]
+)
+def test_requantize_at_the_same_scale_is_an_add(tmp_path, src, dst, offset, table):
+    """A uint8 <-> int8 QUANTIZE at the same scale (a uint8 model's input, EfficientNet-Lite's) only
+    moves the zero point: edgeq adds instead of looking each value up in a table. A shift by 127
+    clamps 255 to 127: that one keeps its table."""
+    b = TFLiteBuilder()
+    zp = 130 if src == "uint8" else 2
+    x = b.input((1, 6, 6, 3), src, Q(0.02, zp))
+    b.output(b.quantize(x, Q(0.02, zp + offset), dtype=dst))
+    assert_matches_reference(b, tmp_path)
+    mod, _ = import_integer(tmp_path / "model.tflite")
+    assert ("R.take" in mod.script()) == table
+
+
 @pytest.mark.parametrize("dtype", ["int8", "uint8"])
 def test_dequantize(tmp_path, dtype):
     rng = np.random.default_rng(7 if dtype == "int8" else 8)

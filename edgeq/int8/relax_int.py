@@ -227,12 +227,27 @@ def requantize_float_to(
 
 
 def lookup(bb: relax.BlockBuilder, x: relax.Expr, table: np.ndarray) -> relax.Expr:
-    """Per-element table lookup of an 8-bit tensor; table[i] is the result for value DTYPE_RANGE min + i."""
+    """Per-element table lookup of an 8-bit tensor; table[i] is the result for value DTYPE_RANGE min + i.
+
+    An integer table that only adds a constant (a uint8 <-> int8 requantization at the same scale:
+    table[i] = i - 128) becomes that add: vector arithmetic instead of a gather per element."""
     lo = DTYPE_RANGE[dtype_of(x)][0]
+    offset = _constant_offset(table, lo)
+    if offset is not None:
+        shifted = R.add(R.astype(x, "int32"), const(offset, "int32")) if offset else R.astype(x, "int32")
+        return bb.emit(R.astype(shifted, str(table.dtype)))
     index = R.astype(x, "int32")
     if lo:
         index = R.subtract(index, const(lo, "int32"))
     return bb.emit(R.take(array_const(table), bb.emit(index), axis=0, mode="clip"))
+
+
+def _constant_offset(table: np.ndarray, lo: int) -> int | None:
+    """c where the integer ``table`` is value + c for every value lo, lo + 1, ... (None otherwise)."""
+    if not np.issubdtype(table.dtype, np.integer):
+        return None
+    offsets = table.astype(np.int64) - (lo + np.arange(table.size, dtype=np.int64))
+    return int(offsets[0]) if np.all(offsets == offsets[0]) else None
 
 
 def rounded_division(bb: relax.BlockBuilder, acc: relax.Expr, count: np.ndarray | int) -> relax.Expr:
