@@ -21,6 +21,7 @@ MetaSchedule's evolutionary search starts from the best recorded schedules (warm
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -306,13 +307,31 @@ def _records_by_workload(database: Any, key: str) -> dict[str, list[Any]]:
     return groups
 
 
+_best_records_cache: dict[tuple[Any, ...], tuple[Any, list[str]]] = {}
+
+
 def best_records(database_dir: str | os.PathLike[str], target: Any) -> tuple[Any, list[str]]:
     """A MemoryDatabase holding, per workload tuned for ``target``, its fastest record where it beat
-    edgeq's default schedule; and the task names of the workloads it holds."""
-    ms = _meta_schedule()
+    edgeq's default schedule; and the task names of the workloads it holds.
+
+    Packaging asks twice (for the report, then for the build): the answer is kept while the
+    database's files hold the same bytes."""
     folder = Path(database_dir)
-    database = _open_database(folder, create=False)
+    files = [folder / name for name in (WORKLOAD_FILE, RECORD_FILE, DEFAULTS_FILE)]
+    if not all(f.is_file() for f in files[:2]):
+        _open_database(folder, create=False)  # says what is missing
     key = target_key(target)
+    versions = [hashlib.blake2b(f.read_bytes(), digest_size=16).digest() if f.is_file() else None for f in files]
+    stamp = (str(folder.resolve()), key, *versions)
+    if stamp not in _best_records_cache:
+        _best_records_cache.clear()
+        _best_records_cache[stamp] = _read_best_records(folder, key)
+    return _best_records_cache[stamp]
+
+
+def _read_best_records(folder: Path, key: str) -> tuple[Any, list[str]]:
+    ms = _meta_schedule()
+    database = _open_database(folder, create=False)
     defaults = _read_defaults(folder).get(key, {})
     chosen = ms.database.MemoryDatabase()
     names = []

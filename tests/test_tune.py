@@ -132,6 +132,7 @@ def test_applied_database_swaps_the_tuned_kernel_and_stays_bit_exact(tuned, tmp_
     defaults_file.write_text(json.dumps(defaults))
     chosen, names = tune_mod.best_records(db, target)
     assert len(names) == 1 and TASK in names[0]
+    assert tune_mod.best_records(db, target)[0] is chosen  # packaging's second ask reads nothing again
 
     default_mod, default_exe = _build(mod, target)
     tuned_mod, tuned_exe = _build(mod, target, tuning_db=db)
