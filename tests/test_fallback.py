@@ -132,13 +132,13 @@ def _every_float_lowering(path: Path) -> Path:
     """A float model with every op the quantizer can keep float: CONV_2D (SAME, stride 2, RELU6),
     DEPTHWISE_CONV_2D (dilated), ADD, HARD_SWISH, AVERAGE_POOL_2D (SAME), TANH, SUB (fused RELU),
     RELU6, MAX_POOL_2D, LOGISTIC, MUL, MEAN, FULLY_CONNECTED, SOFTMAX."""
+    from conftest import float_weights
     from edgeq.tflite_builder import TFLiteBuilder
 
     rng = np.random.default_rng(11)
     b = TFLiteBuilder()
 
-    def w(*shape, scale=0.3):
-        return b.constant(rng.normal(0, scale, shape).astype(np.float32))
+    w = float_weights(b, rng)
 
     t = functools.partial(b.op_output, dtype="float32")  # t(shape, op, inputs, **options)
 

@@ -16,7 +16,7 @@ tvm = pytest.importorskip("tvm")
 pytest.importorskip("ai_edge_litert.interpreter")
 
 import edgeq  # noqa: E402
-from conftest import shared_path  # noqa: E402
+from conftest import float_weights, shared_path  # noqa: E402
 from edgeq.cli import main as cli_main  # noqa: E402
 from edgeq.errors import EdgeqError, InputError, UnsupportedModelError  # noqa: E402
 from edgeq.int8 import import_integer  # noqa: E402
@@ -79,8 +79,7 @@ def _mobilenet_like(path: Path) -> Path:
     rng = np.random.default_rng(7)
     b = TFLiteBuilder()
 
-    def w(*shape, scale=0.3):
-        return b.constant(rng.normal(0, scale, shape).astype(np.float32))
+    w = float_weights(b, rng)
 
     t = functools.partial(b.op_output, dtype="float32")  # t(shape, op, inputs, **options)
 
