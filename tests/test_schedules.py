@@ -256,6 +256,58 @@ def test_depthwise_runs_window_columns_on_vnni(tmp_path: Path) -> None:
     assert re.search(r"\tvpdpbusd\s", listing) and not re.search(r"\tvpmulld\s", listing)
 
 
+def _reverse_halves(half: int) -> tvm.IRModule:
+    """Each of two parallel tasks reverses its half of ``a`` through a buffer of ``half`` int32."""
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def main(a: T.Buffer((2 * half,), "int32"), b: T.Buffer((2 * half,), "int32")):
+        for i in T.parallel(2):
+            tmp = T.alloc_buffer((half,), "int32")
+            for j in range(half):
+                tmp[j] = a[i * half + j] * 2
+            for j in range(half):
+                b[i * half + j] = tmp[half - 1 - j] + 1
+
+    return tvm.IRModule({"main": main})
+
+
+def _workspace_calls(lib: object) -> int:
+    llvm_ir = (lib.inspect_source if hasattr(lib, "inspect_source") else lib.mod.inspect_source)("ll")
+    return len(re.findall(r"load ptr, ptr @__TVMBackendAllocWorkspace", llvm_ir))
+
+
+@pytest.mark.parametrize("target", [X86, AARCH64], ids=["x86", "aarch64"])
+@pytest.mark.parametrize("half,on_stack", [(200, True), (1024, True), (4096, True), (16384, False)])
+def test_tile_buffers_stay_on_the_stack(target: tvm.target.Target, half: int, on_stack: bool) -> None:
+    """A temporary buffer up to 16 KiB lives in the stack frame (TVM's own limit is 1 KiB: above
+    it, a pool allocation and release every time the loop body runs); a larger one still comes
+    from TVM's workspace pool."""
+    from edgeq.schedules.pipeline import tir_pipeline_for
+
+    lib = tvm.compile(_reverse_halves(half), target=target, tir_pipeline=tir_pipeline_for(target))
+    assert (_workspace_calls(lib) == 0) == on_stack
+    if target is X86:
+        a = np.arange(2 * half, dtype=np.int32)
+        b = tvm.runtime.tensor(np.zeros_like(a))
+        lib["main"](tvm.runtime.tensor(a), b)
+        np.testing.assert_array_equal(b.numpy(), np.concatenate([a[:half][::-1], a[half:][::-1]]) * 2 + 1)
+
+
+def test_depthwise_tiles_pack_rows_without_the_workspace_pool() -> None:
+    """EfficientNet-Lite0's 5x5 depthwise tiles pack 1-4 KiB of window rows each: on the stack."""
+    from edgeq.schedules.pipeline import tir_pipeline_for
+
+    funcs = cpu_pipeline(VNNI)(depthwise_hwio_module(kernel=5))
+    (name,) = [gv.name_hint for gv, f in funcs.functions_items() if "depthwise" in gv.name_hint]
+    func = funcs[name].with_attr("global_symbol", "main")
+    assert "depthwise_rows = T.sblock_alloc_buffer" in func.script()
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=VNNI, tir_pipeline=tir_pipeline_for(VNNI))
+    assert _workspace_calls(lib) == 0
+    stock = tvm.compile(tvm.IRModule({"main": func}), target=VNNI)  # TVM's lowering: pool allocations
+    assert _workspace_calls(stock) > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target", [X86, VNNI], ids=["avx2", "vnni"])
 def test_efficientnet_with_dot_products_matches_reference_kernels(target: tvm.target.Target) -> None:

@@ -13,6 +13,7 @@ from .float_exact import SeparateFloatMultiplyAdd
 from .fusion import legalize_and_fuse_passes
 from .high_multiply import EvenOddHighMultiply
 from .rules import schedule_func
+from .stack_buffers import KeepTileBuffersOnStack
 from .target import cpu_info
 
 _SCHEDULED = "tirx.is_scheduled"
@@ -81,29 +82,36 @@ def cpu_pipeline(
     return _pipeline
 
 
+CPU_TIR_PIPELINE = "edgeq_cpu"
 AVX512_TIR_PIPELINE = "edgeq_avx512"
 
 
-def _avx512_tir_pipeline():
-    """TVM's TIR lowering, then the even/odd ``pmuldq`` form of vectorized high multiplies."""
+def _cpu_tir_pipeline(*extra: tvm.transform.Pass):
+    """TVM's TIR lowering, then ``extra`` passes and :class:`.KeepTileBuffersOnStack`."""
     lower, finalize_host, finalize_device = tvm.tirx.get_tir_pipeline("s_tir")
+    passes = tvm.transform.Sequential([*extra, KeepTileBuffersOnStack()])
 
-    @tvm.transform.module_pass(opt_level=0, name="edgeq.AVX512TIRPipeline")
+    @tvm.transform.module_pass(opt_level=0, name="edgeq.CPUTIRPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        return EvenOddHighMultiply()(lower(mod))
+        return passes(lower(mod))
 
     return _pipeline, finalize_host, finalize_device
 
 
-tvm.tirx.compilation_pipeline.register_tir_pipeline(AVX512_TIR_PIPELINE, _avx512_tir_pipeline)
+tvm.tirx.compilation_pipeline.register_tir_pipeline(CPU_TIR_PIPELINE, _cpu_tir_pipeline)
+# On AVX-512 also the even/odd ``pmuldq`` form of vectorized high multiplies.
+tvm.tirx.compilation_pipeline.register_tir_pipeline(
+    AVX512_TIR_PIPELINE, lambda: _cpu_tir_pipeline(EvenOddHighMultiply())
+)
 
 
 def tir_pipeline_for(target: tvm.target.Target) -> str:
-    """The TIR lowering pipeline for a CPU target: edgeq's on x86 with AVX-512 (there the even/odd
-    products made VWW, ResNet and rps96 10-16% faster; with AVX2's 8 lanes LLVM's own sequence
-    measured as fast or slightly faster)."""
+    """The TIR lowering pipeline for a CPU target: TVM's, then per-tile buffers kept on the stack
+    (:mod:`.stack_buffers`); on x86 with AVX-512 also the even/odd products (there they made VWW,
+    ResNet and rps96 10-16% faster; with AVX2's 8 lanes LLVM's own sequence measured as fast or
+    slightly faster)."""
     info = cpu_info(target)
-    return AVX512_TIR_PIPELINE if not info.is_arm and info.vector_bits >= 512 else "default"
+    return AVX512_TIR_PIPELINE if not info.is_arm and info.vector_bits >= 512 else CPU_TIR_PIPELINE
 
 
 def build_cpu(mod: tvm.IRModule, target: tvm.target.Target, **options) -> relax.Executable:
