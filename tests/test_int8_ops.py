@@ -230,6 +230,34 @@ def test_binary(tmp_path, op, dtype, broadcast, activation):
     assert_matches_reference(b, tmp_path)
 
 
+@pytest.mark.parametrize("isa", sorted(SCHEDULED_TARGETS))
+@pytest.mark.parametrize("skip_zero_point", [0, -9])
+def test_residual_add_runs_in_the_conv_tiles(tmp_path, isa, skip_zero_point):
+    """A 1x1 conv whose output is added to the block's input (an inverted-residual block's
+    projection, 24 channels) is one parallel loop of tiles with the ADD's requantization in each
+    tile - the skip input's rescale ((x - zp) << 20, tiny blocks over the function's input, read
+    twice by a requantization where the conv's scale is the larger one) included - and equals
+    TFLite's reference kernels."""
+    from edgeq.schedules import cpu_pipeline
+
+    if not _host_runs(isa):
+        pytest.skip(f"this CPU cannot run {isa} code")
+    rng = _rng("residual", skip_zero_point)
+    b = TFLiteBuilder()
+    in_q = Q(0.05, skip_zero_point)
+    x = b.input((1, 14, 14, 24), "int8", in_q)
+    w_scales = rng.uniform(0.002, 0.02, 24)
+    wt = b.constant(rng.integers(-127, 128, (24, 1, 1, 24)).astype(np.int8), Q(list(w_scales), [0] * 24, axis=0))
+    y = b.conv2d(x, wt, _bias(rng, b, in_q.scale, w_scales, 24), Q(0.08, 3), padding="SAME")
+    b.output(b.add(y, x, Q(0.06, -2)))
+    target = tvm.target.Target(SCHEDULED_TARGETS[isa])
+    assert_matches_reference(b, tmp_path, scheduled_for=target)
+    mod, _ = import_integer(tmp_path / "model.tflite")
+    lowered = cpu_pipeline(target)(mod)
+    (conv,) = [f.script() for gv, f in lowered.functions_items() if "conv2d" in gv.name_hint]
+    assert conv.count("T.parallel(") == 1
+
+
 @pytest.mark.parametrize("kind", ["average", "max"])
 @pytest.mark.parametrize("dtype,size,stride,padding,activation", [
     ("int8", 2, 2, "VALID", "NONE"),  # 4 and 16 elements per window: a rounding shift

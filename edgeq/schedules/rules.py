@@ -46,6 +46,10 @@ _MAX_DUPLICATED_NODES = 64
 # A value read once only adds its nodes: such chains (a requantization, then the uint8 shift of
 # the next layer's input, then its cast) may grow this far.
 _MAX_SINGLE_READ_NODES = 256
+# A block this small that reads only the function's inputs always inlines: an int8 residual ADD's
+# rescale of its skip input ((x - zp) << 20), left as blocks of their own, kept the convolution's
+# epilogue out of its tiles (three more passes over int32 tensors, in EfficientNet-Lite0 too).
+_MAX_LEAF_NODES = 24
 # Functions whose largest loop nest is smaller than this keep the default (unscheduled) code.
 _MIN_SCHEDULED_ELEMS = 512
 _CHEAP_CALLS = IF_THEN_ELSE
@@ -139,6 +143,8 @@ def _inline_grows_ok(sch: s_tir.Schedule, block: SBlockRV) -> bool:
         return False
     buffer = stmt.writes[0].source
     size = len(_walk(stmt.body))
+    if size <= _MAX_LEAF_NODES and not sch.get_producers(block):
+        return True  # a few nodes over the function's inputs (a residual's rescale): no chain to grow
     for consumer in sch.get_consumers(block):
         nodes = _walk(sch.get(consumer).body)
         reads = sum(1 for n in nodes if isinstance(n, tvm.ir.expr.TensorLoad) and n.source.same_as(buffer))
