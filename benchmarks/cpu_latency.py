@@ -1,8 +1,11 @@
 """CPU latency of the shared TFLite models: edgeq default schedules vs stock TVM vs TFLite.
 
 One table per model: median latency over repeated runs and the ratio to the TFLite reference
-interpreter (XNNPACK, same thread count), every runtime timed in the same rounds (a few runs of each
-in turn). Rows:
+interpreter (XNNPACK, same thread count). Every runtime is timed twice - alone, after a quiet
+pause in which the other runtimes' worker threads stop spinning, and in shared rounds (a few runs
+of each in turn, so that a slow spell of the machine falls on all of them) - and each row shows the
+lower of its two medians: no runtime is measured only while another one's threads compete with it.
+Rows:
 
 * ``edgeq``       -- stock ``from_tflite`` import (QDQ float for quantized models), built with
                      :func:`edgeq.schedules.build_cpu`;
@@ -10,11 +13,10 @@ in turn). Rows:
                      only for quantized models and when ``edgeq.int8`` is available;
 * ``edgeq int8 tuned`` -- the same with an ``edgeq tune`` database (``--tuning-db DIR``);
 * ``stock TVM``   -- the same stock import through ``tvm.compile`` (cpu_generic, no schedules);
-* ``TFLite``      -- ``ai_edge_litert`` interpreter; its median is the lower of the one timed
-                     alone before the model's TVM builds and the one timed in the rounds.
+* ``TFLite``      -- ``ai_edge_litert`` interpreter.
 
 A network shipped as ``NAME_int8.tflite`` and ``NAME_float32.tflite`` also gets a table of its int8
-bundle against its float bundle, the two timed in the same rounds, and the int8 speed-up.
+bundle against its float bundle, timed the same way, and the int8 speed-up.
 
     python benchmarks/cpu_latency.py [--threads 2] [--repeat 30] [--mcpu haswell | --device x86_64-vnni] [--no-stock]
                                       [--tuning-db DIR]
@@ -22,6 +24,7 @@ bundle against its float bundle, the two timed in the same rounds, and the int8 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -54,6 +57,34 @@ def _interleaved_medians(runs: list[tuple[Callable[[], object], int]], burst: in
     return [statistics.median(samples) * 1e3 for samples in times]
 
 
+def _run_for(run: Callable[[], object], seconds: float) -> None:
+    """Call ``run`` for at least ``seconds`` (and at least three times)."""
+    end = time.perf_counter() + seconds
+    for count in itertools.count():
+        run()
+        if count >= 2 and time.perf_counter() >= end:
+            return
+
+
+def _best_medians(
+    runs: list[tuple[Callable[[], object], int]], quiet_s: float = 2.0, warm_s: float = 0.3
+) -> list[tuple[float, float, float]]:
+    """(lower, alone, shared) of each runtime's median alone (after ``quiet_s`` of quiet and
+    ``warm_s`` of warm-up runs) and in shared rounds.
+
+    Right after a runtime's runs its worker threads keep spinning for a while (TVM's pool yields
+    in a loop, XNNPACK's spins): a runtime timed just after another one's runs shares the cores
+    with them. Timed only in shared rounds, XNNPACK read half its speed next to TVM, and TVM's
+    kernels read slower next to XNNPACK."""
+    alone = []
+    for run, repeat in runs:
+        time.sleep(quiet_s)
+        _run_for(run, warm_s)  # wake the threads (and an idle virtual CPU) back up first
+        alone += _interleaved_medians([(run, repeat)])
+    shared = _interleaved_medians(runs)
+    return [(min(a, b), a, b) for a, b in zip(alone, shared)]
+
+
 def _inputs(shapes_dtypes: list[tuple[list[int], str]]) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     out = []
@@ -72,8 +103,9 @@ def _tvm_runner(executable: object, inputs: list[np.ndarray]) -> Callable[[], ob
 
     dev = tvm.cpu()
     vm = relax.VirtualMachine(executable, dev)
+    main = vm["main"]  # looked up once, as an application calling it in a loop does
     args = [tvm.runtime.tensor(x, dev) for x in inputs]
-    return lambda: vm["main"](*args)
+    return lambda: main(*args)
 
 
 def _relax_inputs(mod: object) -> list[tuple[list[int], str]]:
@@ -108,11 +140,6 @@ def bench_model(
             interp.set_tensor(d["index"], x)
         interp.invoke()
 
-    # The reference on its own first, once TVM's worker threads (spinning after a previous
-    # model's runs) have gone to sleep: interleaved with TVM it sometimes ran at half speed.
-    time.sleep(2.0)
-    (ref_alone,) = _interleaved_medians([(run_ref, repeat)])
-
     mod = tvm.relax.frontend.tflite.from_tflite(tflite.Model.GetRootAsModel(path.read_bytes(), 0))
     inputs = _inputs(_relax_inputs(mod))
     log("edgeq build")
@@ -138,17 +165,17 @@ def bench_model(
         log("stock build")
         executable = tvm.compile(mod, target=target)
         add("stock TVM (cpu_generic)", _tvm_runner(executable, inputs), runs=max(3, repeat // 5))
-    add("TFLite reference", run_ref, f"{threads} threads, XNNPACK (best of alone, interleaved)")
-    log("timing, a few runs of each in turn")
-    medians = _interleaved_medians([(run, runs) for _, run, runs in timed])
-    medians[-1] = min(medians[-1], ref_alone)  # the reference's better showing: ratios never flatter edgeq
-    for (row, _, _), ms in zip(timed, medians):
-        rows[row] = (rows[row][0], ms, rows[row][2])
+    add("TFLite reference", run_ref, f"{threads} threads, XNNPACK")
+    log("timing: each runtime alone, then a few runs of each in turn")
+    medians = _best_medians([(run, runs) for _, run, runs in timed])
+    for (row, _, _), (ms, alone, shared) in zip(timed, medians):
+        note = ", ".join(part for part in (rows[row][2], f"alone {alone:.3f}, shared {shared:.3f}") if part)
+        rows[row] = (rows[row][0], ms, note)
     return rows
 
 
 def bench_int8_against_float(int8_path: Path, float_path: Path, target: object, repeat: int) -> tuple[float, float]:
-    """Median ms of the int8 bundle of a network and of its float32 twin's bundle, timed in the same rounds."""
+    """Median ms of the int8 bundle of a network and of its float32 twin's bundle (:func:`_best_medians`)."""
     import tflite
     import tvm.relax.frontend.tflite  # noqa: F401  (registers from_tflite)
 
@@ -159,7 +186,7 @@ def bench_int8_against_float(int8_path: Path, float_path: Path, target: object, 
     int8_run = _tvm_runner(build_cpu(imod, target), _inputs(_relax_inputs(imod)))
     fmod = tvm.relax.frontend.tflite.from_tflite(tflite.Model.GetRootAsModel(float_path.read_bytes(), 0))
     float_run = _tvm_runner(build_cpu(fmod, target), _inputs(_relax_inputs(fmod)))
-    int8_ms, float_ms = _interleaved_medians([(int8_run, repeat), (float_run, repeat)])
+    (int8_ms, _, _), (float_ms, _, _) = _best_medians([(int8_run, repeat), (float_run, repeat)])
     return int8_ms, float_ms
 
 
@@ -220,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name:<30} | {shown} | {ratio} | {note}")
     for int8_path, float_path in _int8_float_pairs([p for p in paths if p.exists()]):
         network = int8_path.name.removesuffix("_int8.tflite")
-        print(f"\n{network}: int8 bundle vs float32 bundle (edgeq default schedules, timed in the same rounds)", flush=True)
+        print(f"\n{network}: int8 bundle vs float32 bundle (edgeq default schedules)", flush=True)
         int8_ms, float_ms = bench_int8_against_float(int8_path, float_path, target, args.repeat)
         print(f"| {'bundle':<30} | {'median ms':>9} | {'speed-up':>11}")
         print(f"|{'-' * 32}|{'-' * 11}|{'-' * 13}")
