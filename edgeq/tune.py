@@ -262,7 +262,16 @@ def _open_database(folder: Path, create: bool) -> Any:
         raise EdgeqError(f"{folder} holds no tuning database ({WORKLOAD_FILE} and {RECORD_FILE}); "
                          "create one with `edgeq tune MODEL --device D --db DIR`")
     try:
-        return ms.database.JSONDatabase(work_dir=str(folder), allow_missing=create)
+        try:
+            return ms.database.JSONDatabase(work_dir=str(folder), allow_missing=create)
+        except Exception as error:  # noqa: BLE001
+            if "TensorIntrin" not in str(error) or "not registered" not in str(error):
+                raise
+            # A trace tensorizes with one of TVM's intrinsics (MetaSchedule tried dot_16x4_vnni):
+            # register them (about 15 s, so only when a database needs them) and read it again.
+            import tvm.s_tir.tensor_intrin  # noqa: F401
+
+            return ms.database.JSONDatabase(work_dir=str(folder), allow_missing=create)
     except Exception as error:  # noqa: BLE001 - TVM reports unreadable files as assorted errors
         raise EdgeqError(f"cannot read the tuning database in {folder}: {_last_line(error)}") from None
 

@@ -66,6 +66,32 @@ def test_local_tuning_writes_a_database(tuned):
     assert len(defaults) == 1 and len(next(iter(defaults.values()))) == 1
 
 
+def test_a_database_whose_traces_use_tvm_intrinsics_is_read(tuned, tmp_path, monkeypatch):
+    """Records MetaSchedule wrote while trying TVM's own tensor intrinsics (dot_16x4_vnni on a VNNI
+    CPU) only read back once those are registered: edgeq registers them and reads again."""
+    import tvm
+    import tvm.s_tir.meta_schedule as ms
+
+    from edgeq.compiler import tvm_target
+    from edgeq.devices import get_device
+
+    db = tmp_path / "db"
+    shutil.copytree(tuned[0], db)
+    real = ms.database.JSONDatabase
+    calls = []
+
+    def unregistered_first(*args, **kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            raise tvm.error.InternalError("parallel_for_dynamic error with TensorIntrin 'dot_16x4_vnni' is not registered")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ms.database, "JSONDatabase", unregistered_first)
+    tune_mod.best_records(db, tvm_target(get_device(DEVICE)))
+    assert len(calls) == 2
+    assert tvm.s_tir.TensorIntrin.get("dot_16x4_vnni") is not None
+
+
 def test_rerun_resumes_without_repeating_trials(tuned, tmp_path):
     db = tmp_path / "db"
     shutil.copytree(tuned[0], db)
