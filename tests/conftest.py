@@ -13,10 +13,12 @@ SHARED = REPO_ROOT.parent / "shared"
 
 
 def shared_path(*parts: str) -> Path:
-    """Return a path inside ``../shared`` or skip the test with a clear reason."""
+    """Return a path inside ``../shared`` or skip the test (or, called at import, the module) with a
+    clear reason."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} is missing: these tests need the shared models and pictures beside the repo")
+        pytest.skip(f"{path} is missing: these tests need the shared models and pictures beside the repo",
+                    allow_module_level=True)
     return path
 
 
