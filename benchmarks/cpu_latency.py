@@ -152,17 +152,17 @@ def bench_model(
 
             log("int8 import + build")
 
-            row = "edgeq int8 (import_integer)"
+            row_name = "edgeq int8 (import_integer)"
             imod, _report = import_integer(str(path))
             executable = build_cpu(imod, target)
-            add(row, _tvm_runner(executable, _inputs(_relax_inputs(imod))))
+            add(row_name, _tvm_runner(executable, _inputs(_relax_inputs(imod))))
             if tuning_db is not None:
                 log("int8 build with the tuning database")
-                row = "edgeq int8 tuned (--tuning-db)"
+                row_name = "edgeq int8 tuned (--tuning-db)"
                 executable = build_cpu(imod, target, tuning_db=tuning_db)
-                add(row, _tvm_runner(executable, _inputs(_relax_inputs(imod))))
+                add(row_name, _tvm_runner(executable, _inputs(_relax_inputs(imod))))
         except Exception as err:  # noqa: BLE001  (a benchmark row, not a product path)
-            rows.append((row, None, f"{type(err).__name__}: {str(err)[:60]}"))
+            rows.append((row_name, None, f"{type(err).__name__}: {str(err)[:60]}"))
     if stock:
         log("stock build")
         executable = tvm.compile(mod, target=target)
