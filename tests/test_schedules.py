@@ -272,9 +272,13 @@ def _reverse_halves(half: int) -> tvm.IRModule:
     return tvm.IRModule({"main": main})
 
 
+def _source(lib: object, kind: str) -> str:
+    """A compiled library's LLVM IR (``"ll"``) or assembly (``"asm"``)."""
+    return (lib.inspect_source if hasattr(lib, "inspect_source") else lib.mod.inspect_source)(kind)
+
+
 def _workspace_calls(lib: object) -> int:
-    llvm_ir = (lib.inspect_source if hasattr(lib, "inspect_source") else lib.mod.inspect_source)("ll")
-    return len(re.findall(r"load ptr, ptr @__TVMBackendAllocWorkspace", llvm_ir))
+    return len(re.findall(r"load ptr, ptr @__TVMBackendAllocWorkspace", _source(lib, "ll")))
 
 
 @pytest.mark.parametrize("target", [X86, AARCH64], ids=["x86", "aarch64"])
@@ -438,12 +442,9 @@ def test_high_multiply_runs_as_even_odd_pmuldq(target: tvm.target.Target, shift:
     mod = _high_multiply_module(shift, offset, scalar)
     ours = tvm.compile(mod, target=target, tir_pipeline=tir_pipeline_for(target))
     stock = tvm.compile(mod, target=target)
-    def assembly(lib: object) -> str:
-        return (lib.inspect_source if hasattr(lib, "inspect_source") else lib.mod.inspect_source)("asm")
-
     widen_or_narrow = r"\tvpmov[sz]xdq\s|\tvpmovqd\s"
-    assert re.search(widen_or_narrow, assembly(stock))
-    assert "vpmuldq" in assembly(ours) and not re.search(widen_or_narrow, assembly(ours))
+    assert re.search(widen_or_narrow, _source(stock, "asm"))
+    assert "vpmuldq" in _source(ours, "asm") and not re.search(widen_or_narrow, _source(ours, "asm"))
     rng = np.random.default_rng(shift)
     a = rng.integers(-(1 << 31), 1 << 31, 256, dtype=np.int64).astype(np.int32)
     m = rng.integers(-(1 << 31), 1 << 31, 256, dtype=np.int64).astype(np.int32)

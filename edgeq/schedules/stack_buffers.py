@@ -31,10 +31,6 @@ def _constant_bytes(buffer: tirx.Buffer) -> int | None:
     return elements * max(1, dtype.bits * dtype.lanes // 8)
 
 
-def _scope(buffer: tirx.Buffer) -> str:
-    return str(buffer.scope()) if hasattr(buffer, "scope") else "global"
-
-
 @tvm.tirx.transform.prim_func_pass(opt_level=0, name="edgeq.KeepTileBuffersOnStack")
 class KeepTileBuffersOnStack:
     """Mark constant-size global buffers of 1 to 16 KiB to stay stack allocations (run it after
@@ -47,7 +43,7 @@ class KeepTileBuffersOnStack:
             size = _constant_bytes(alloc.buffer)
             if size is None or not TVM_STACK_LIMIT_BYTES <= size <= min(MAX_STACK_BUFFER_BYTES, budget[0]):
                 return alloc
-            if _scope(alloc.buffer) != "global":
+            if str(alloc.buffer.scope()) != "global":
                 return alloc
             if alloc.annotations is not None and DISABLE_LOWER_BUILTIN in alloc.annotations:
                 return alloc
