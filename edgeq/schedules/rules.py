@@ -155,18 +155,21 @@ def _inline_grows_ok(sch: s_tir.Schedule, block: SBlockRV) -> bool:
     return True
 
 
+def _iterations(sch: s_tir.Schedule, block: SBlockRV) -> int | None:
+    """Iteration count of ``block``'s loop nest (None if some extent is symbolic)."""
+    count = 1
+    for loop in sch.get_loops(block):
+        extent = _int_extent(sch, loop)
+        if extent is None:
+            return None
+        count *= extent
+    return count
+
+
 def _max_elements(sch: s_tir.Schedule) -> int:
     """Largest iteration count of any block's loop nest (0 if some extent is symbolic)."""
-    largest = 0
-    for block in sch.get_child_blocks(_root(sch)):
-        count = 1
-        for loop in sch.get_loops(block):
-            extent = _int_extent(sch, loop)
-            if extent is None:
-                return 0
-            count *= extent
-        largest = max(largest, count)
-    return largest
+    counts = [_iterations(sch, block) for block in sch.get_child_blocks(_root(sch))]
+    return 0 if None in counts else max(counts, default=0)
 
 
 def _int_extent(sch: s_tir.Schedule, loop: LoopRV) -> int | None:
@@ -396,13 +399,10 @@ def _schedule_reduction_generic(sch: s_tir.Schedule, block: SBlockRV, info: CpuI
         spatial.append(loop)
     if not spatial:
         return
-    extents = [_int_extent(sch, loop) for loop in loops]
-    work = _MIN_PARALLEL_WORK if None in extents else 1
-    for extent in extents:
-        work *= extent or 1
+    work = _iterations(sch, block)  # None (symbolic): assume it is large
     fused = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
     extent = _int_extent(sch, fused)
-    if extent is not None and extent >= 2 and info.num_cores > 1 and work >= _MIN_PARALLEL_WORK:
+    if extent is not None and extent >= 2 and info.num_cores > 1 and (work is None or work >= _MIN_PARALLEL_WORK):
         sch.parallel(fused)
 
 
