@@ -246,7 +246,7 @@ def compile_model(
     if options.tuning_db is not None and device.kind == "cpu":
         from .tune import best_records
 
-        _, tuned = best_records(options.tuning_db, tvm_target(device))
+        tuned = best_records(options.tuning_db, tvm_target(device)).names
         progress(f"tuning database {options.tuning_db}: {len(tuned)} tuned kernel(s) for {device.name}")
         report = {**report, "tuned_kernels": tuned}
     if device.kind == "cpu" and not options.fuse_float_multiply_add:

@@ -3,16 +3,20 @@
 The tasks are the PrimFuncs edgeq's CPU pipeline builds (the model after
 :func:`edgeq.schedules.kernel_passes`: library dispatch, dot-product weight packing, legalize and
 fuse), so the database applies to exactly what ``edgeq package`` compiles. For every task edgeq's
-own default schedule is measured once, the same way, and kept beside MetaSchedule's records:
-:func:`apply_tuning_database` applies a tuned schedule only where it beat that default when both
-were timed alone. Kernels timed alone do not always predict the whole model (caches, threads):
-check a tuned bundle with ``edgeq bench``.
+own default schedule is measured once, the same way, and so are its other register-tile choices
+(:data:`edgeq.schedules.rules.KNOB_CANDIDATES`: which tile suits a kernel depends on its epilogue
+and its shapes in ways a cost formula does not capture); both are kept beside MetaSchedule's records.
+:func:`apply_tuning_database` uses, per kernel, the fastest of the three: edgeq's default, its best
+other tile choice (when at least :data:`KNOB_MARGIN` faster) or MetaSchedule's best record.
+Kernels timed alone do not always predict the whole model (caches, threads): check a tuned bundle
+with ``edgeq bench``.
 
 Layout of a database folder (one folder can hold several models and devices):
 
 - ``database_workload.json`` / ``database_tuning_record.json``: MetaSchedule's JSONDatabase.
   Workloads are compared structurally, so models that share a kernel share its records.
-- ``edgeq_defaults.json``: edgeq's default schedule's latency per target and workload.
+- ``edgeq_defaults.json``: per target and workload, edgeq's default schedule's latency and its
+  best other tile choice (``knobs``, ``knob_seconds``; ``knobs`` null: none was faster).
 
 Resuming: every trial lands in the database as it finishes (failed ones too). A run counts the
 trials already recorded for each task on this target and only runs the rest of its budget;
@@ -31,7 +35,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from .devices import Device, get_device
 from .errors import EdgeqError, MissingDependencyError, RemoteError, UnsupportedModelError
@@ -43,6 +47,7 @@ WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 FAILED_SECONDS = 1e9  # MetaSchedule records failed trials with a run time of 1e10 s
 MAX_BATCH = 32  # trials measured per search round
+KNOB_MARGIN = 0.02  # another tile choice replaces edgeq's default only when this much faster
 
 
 @dataclass(frozen=True)
@@ -91,16 +96,45 @@ class TaskResult:
     trials_now: int
     best_ms: float | None  # fastest tuned schedule (None: no trial succeeded)
     default_ms: float | None  # edgeq's default schedule, measured the same way
+    knob_ms: float | None = None  # edgeq's best other tile choice (None: none measured)
+    knobs: dict[str, Any] | None = None  # that choice (ScheduleKnobs.to_dict())
+
+    @property
+    def knobs_applied(self) -> bool:
+        """True when edgeq's other tile choice beat its default by :data:`KNOB_MARGIN`."""
+        return _knobs_win(self.knob_ms, self.default_ms)
+
+    @property
+    def edgeq_ms(self) -> float | None:
+        """edgeq's own schedule packaging would use: the better tile choice, else the default."""
+        return self.knob_ms if self.knobs_applied else self.default_ms
 
     @property
     def applied(self) -> bool:
-        """True when packaging will use the tuned schedule (it beat edgeq's default)."""
-        return self.best_ms is not None and (self.default_ms is None or self.best_ms < self.default_ms)
+        """True when packaging will use the tuned schedule (it beat edgeq's own)."""
+        return self.best_ms is not None and (self.edgeq_ms is None or self.best_ms < self.edgeq_ms)
 
     @property
     def chosen_ms(self) -> float | None:
-        """The latency packaging gets: the tuned one where it won, else edgeq's default."""
-        return self.best_ms if self.applied else self.default_ms
+        """The latency packaging gets: the tuned one where it won, else edgeq's own."""
+        return self.best_ms if self.applied else self.edgeq_ms
+
+    @property
+    def uses(self) -> str:
+        """What packaging uses for this kernel, in words."""
+        if self.applied:
+            return "tuned"
+        if self.knobs_applied:
+            from .schedules.rules import DEFAULT_KNOBS
+
+            default = DEFAULT_KNOBS.to_dict()
+            changed = {k: v for k, v in (self.knobs or {}).items() if default.get(k) != v}
+            return "edgeq tiles " + ", ".join(f"{k}={v}" for k, v in changed.items())
+        return "edgeq default"
+
+
+def _knobs_win(knob: float | None, default: float | None) -> bool:
+    return knob is not None and default is not None and knob < default * (1.0 - KNOB_MARGIN)
 
 
 @dataclass(frozen=True)
@@ -141,7 +175,7 @@ class TuneResult:
             "database": str(self.database), "cost_model": self.cost_model, "seconds": round(self.seconds, 1),
             "tasks_in_model": self.tasks_in_model, "trials_now": self.trials_now,
             "trials_total": self.trials_total, "estimated_ms": self.estimated_ms, "default_ms": self.default_ms,
-            "tasks": [{**t.__dict__, "applied": t.applied} for t in self.tasks],
+            "tasks": [{**t.__dict__, "applied": t.applied, "uses": t.uses} for t in self.tasks],
         }
 
 
@@ -316,12 +350,20 @@ def _records_by_workload(database: Any, key: str) -> dict[str, list[Any]]:
     return groups
 
 
-_best_records_cache: dict[tuple[Any, ...], tuple[Any, list[str]]] = {}
+class TunedKernels(NamedTuple):
+    """What a tuning database gives one target's build."""
+
+    database: Any  # MemoryDatabase: per workload, MetaSchedule's fastest record where it won
+    names: list[str]  # the task names of every kernel not built with edgeq's default schedule
+    knobs: dict[str, Any]  # workload key -> ScheduleKnobs, where edgeq's other tile choice won
 
 
-def best_records(database_dir: str | os.PathLike[str], target: Any) -> tuple[Any, list[str]]:
-    """A MemoryDatabase holding, per workload tuned for ``target``, its fastest record where it beat
-    edgeq's default schedule; and the task names of the workloads it holds.
+_best_records_cache: dict[tuple[Any, ...], TunedKernels] = {}
+
+
+def best_records(database_dir: str | os.PathLike[str], target: Any) -> TunedKernels:
+    """Per workload tuned for ``target``, what beat edgeq's default schedule: MetaSchedule's
+    fastest record, or edgeq's best other tile choice (see :class:`TunedKernels`).
 
     Packaging asks twice (for the report, then for the build): the answer is kept while the
     database's files hold the same bytes."""
@@ -338,48 +380,92 @@ def best_records(database_dir: str | os.PathLike[str], target: Any) -> tuple[Any
     return _best_records_cache[stamp]
 
 
-def _read_best_records(folder: Path, key: str) -> tuple[Any, list[str]]:
+def _read_best_records(folder: Path, key: str) -> TunedKernels:
+    from .schedules.rules import ScheduleKnobs
+
     ms = _meta_schedule()
     database = _open_database(folder, create=False)
     defaults = _read_defaults(folder).get(key, {})
     chosen = ms.database.MemoryDatabase()
     names = []
+    knobs = {}
+    edgeq_seconds = {}  # edgeq's own best per workload: its default, or a better tile choice
+    for digest, entry in defaults.items():
+        default, knob = entry.get("seconds"), entry.get("knob_seconds")
+        edgeq_seconds[digest] = default
+        if entry.get("knobs") and _knobs_win(knob, default):
+            try:
+                knobs[digest] = ScheduleKnobs.from_dict(entry["knobs"])
+            except (TypeError, ValueError) as error:
+                raise EdgeqError(f"{folder / DEFAULTS_FILE}: {error}; tune again with this edgeq") from None
+            edgeq_seconds[digest] = knob
     for digest, records in _records_by_workload(database, key).items():
         timed = [(s, r) for r in records if (s := _seconds(r)) is not None]
         if not timed:
             continue
         seconds, record = min(timed, key=lambda pair: pair[0])
-        default = defaults.get(digest, {}).get("seconds")
-        if default is not None and default <= seconds:
+        own = edgeq_seconds.get(digest)
+        if own is not None and own <= seconds:
             continue  # edgeq's own schedule is at least as fast
+        knobs.pop(digest, None)
         workload = chosen.commit_workload(record.workload.mod)
         chosen.commit_tuning_record(ms.database.TuningRecord(
             record.trace, workload, record.run_secs, record.target, record.args_info))
         names.append(str(defaults.get(digest, {}).get("task", digest)))
-    return chosen, names
+    names += [f"{defaults[digest].get('task', digest)} (edgeq tiles)" for digest in knobs]
+    return TunedKernels(chosen, names, knobs)
 
 
 def apply_tuning_database(database_dir: str | os.PathLike[str], target: Any) -> Any:
     """A module pass that swaps in the tuned schedules a database holds for ``target``.
 
     Insert it into the CPU pipeline after the legalize/fuse passes and before edgeq's
-    ``ScheduleCPU``: tuned PrimFuncs come out marked ``tirx.is_scheduled`` (which ScheduleCPU
-    skips), every other PrimFunc keeps edgeq's default schedule. Only records for the same
-    target (kind, triple, CPU, features) that beat edgeq's default schedule are applied.
+    ``ScheduleCPU``: tuned PrimFuncs (MetaSchedule's, or edgeq's with the tile choice that won)
+    come out marked ``tirx.is_scheduled`` (which ScheduleCPU skips), every other PrimFunc keeps
+    edgeq's default schedule. Only records for the same target (kind, triple, CPU, features) that
+    beat edgeq's default schedule are applied.
     """
     import tvm
-    from tvm import relax
+    from tvm import relax, tirx
 
-    chosen, _names = best_records(database_dir, target)
+    from .schedules import cpu_info
+    from .schedules.rules import schedule_func
+
+    tuned = best_records(database_dir, target)
 
     @tvm.transform.module_pass(opt_level=0, name="edgeq.ApplyTuningDatabase")
     def _apply(mod: Any, _ctx: Any) -> Any:
-        if len(chosen) == 0:
+        if len(tuned.database):
+            with target, tuned.database:
+                mod = relax.transform.MetaScheduleApplyDatabase()(mod)
+        if not tuned.knobs:
             return mod
-        with target, chosen:
-            return relax.transform.MetaScheduleApplyDatabase()(mod)
+        info = cpu_info(target)
+        updates = {}
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or (func.attrs and func.attrs.get(_SCHEDULED, False)):
+                continue
+            knobs = tuned.knobs.get(workload_key(_normalize(func)))
+            scheduled = schedule_func(func, info, knobs) if knobs is not None else None
+            if scheduled is not None:
+                updates[gvar] = scheduled.with_attr(_SCHEDULED, True)
+        if updates:
+            mod = mod.clone()
+            for gvar, func in updates.items():
+                mod[gvar] = func
+        return mod
 
     return _apply
+
+
+_SCHEDULED = "tirx.is_scheduled"
+
+
+def _normalize(func: Any) -> Any:
+    """A PrimFunc as MetaSchedule's database keys it (a module with ``main``)."""
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    return _normalize_mod(func)
 
 
 # -- measuring: builder and runners (these functions run in MetaSchedule's worker processes) -----
@@ -606,15 +692,43 @@ def _cost_model(ms: Any, kind: str, seed: int) -> Any:
 
 def _measure_default(task: _Task, device: Device, tuning_target: Any, measurer: _Measurer) -> float | None:
     """Seconds edgeq's default schedule of ``task`` takes, measured like the tuning candidates."""
-    import tvm
-
     from .compiler import tvm_target
     from .schedules import cpu_info
     from .schedules.rules import schedule_func
 
-    ms = _meta_schedule()
     func = task.mod["main"]
-    scheduled = schedule_func(func, cpu_info(tvm_target(device))) or func
+    return _measure(schedule_func(func, cpu_info(tvm_target(device))) or func, func, tuning_target, measurer)
+
+
+def _search_knobs(task: _Task, device: Device, tuning_target: Any, measurer: _Measurer) -> tuple[Any, float | None, int]:
+    """edgeq's other tile choices for ``task`` (those that change its schedule), each measured:
+    (the fastest ScheduleKnobs or None, its seconds, how many were measured)."""
+    import tvm_ffi
+
+    from .compiler import tvm_target
+    from .schedules import cpu_info
+    from .schedules.rules import KNOB_CANDIDATES, schedule_func
+
+    info = cpu_info(tvm_target(device))
+    func = task.mod["main"]
+    seen = [schedule_func(func, info) or func]
+    best: tuple[float, Any] | None = None
+    for knobs in KNOB_CANDIDATES:
+        scheduled = schedule_func(func, info, knobs)
+        if scheduled is None or any(tvm_ffi.structural_equal(scheduled, other) for other in seen):
+            continue
+        seen.append(scheduled)
+        seconds = _measure(scheduled, func, tuning_target, measurer)
+        if seconds is not None and (best is None or seconds < best[0]):
+            best = (seconds, knobs)
+    return (best[1], best[0], len(seen) - 1) if best else (None, None, len(seen) - 1)
+
+
+def _measure(scheduled: Any, func: Any, tuning_target: Any, measurer: _Measurer) -> float | None:
+    """Mean seconds of ``scheduled`` (a schedule of ``func``), built and run like the candidates."""
+    import tvm
+
+    ms = _meta_schedule()
     mod = tvm.IRModule({"main": scheduled})
     built = measurer.builder.build([ms.builder.BuilderInput(mod, tuning_target)])[0]
     if built.error_msg:
@@ -672,12 +786,22 @@ def _tune_task(run: _Run, index: int, count: int, task: _Task) -> TaskResult:
     done = len(run.recorded.get(digest, []))
     label = f"task {index}/{count} {_short(task.name)}"
     target_defaults = run.defaults.setdefault(run.key, {})
-    if task.budget > 0 and digest not in target_defaults:
+    if digest not in target_defaults:  # edgeq's own schedules are measured whatever MetaSchedule's budget
         seconds = _measure_default(task, run.device, run.target, run.measurer)
         if seconds is not None:
             target_defaults[digest] = {"task": task.name, "seconds": seconds}
             _write_defaults(run.folder, run.defaults)
-    default_ms = float(target_defaults[digest]["seconds"]) * 1e3 if digest in target_defaults else None
+    entry = target_defaults.get(digest)
+    default_ms = float(entry["seconds"]) * 1e3 if entry else None
+    if entry and "knobs" not in entry:
+        knobs, seconds, count = _search_knobs(task, run.device, run.target, run.measurer)
+        entry.update(knobs=knobs.to_dict() if knobs else None, knob_seconds=seconds)
+        _write_defaults(run.folder, run.defaults)
+        if count:
+            run.say(f"{label}: edgeq's other tile choices, {count} measured: best {_ms(_scaled(seconds))} "
+                    f"(edgeq default {_ms(default_ms)})")
+    knob_ms = _scaled(entry.get("knob_seconds")) if entry else None
+    knob_dict = entry.get("knobs") if entry else None
     previous = [s for r in run.recorded.get(digest, []) if (s := _seconds(r)) is not None]
     state = {"done": done, "best": min(previous) * 1e3 if previous else None}
     remaining = max(0, task.budget - done)
@@ -723,7 +847,13 @@ def _tune_task(run: _Run, index: int, count: int, task: _Task) -> TaskResult:
     timed = [s for r in records if (s := _seconds(r)) is not None]
     return TaskResult(
         name=task.name, calls=task.calls, flops=task.flops, budget=task.budget, trials_total=len(records),
-        trials_now=state["done"] - done, best_ms=min(timed) * 1e3 if timed else None, default_ms=default_ms)
+        trials_now=state["done"] - done, best_ms=min(timed) * 1e3 if timed else None, default_ms=default_ms,
+        knob_ms=knob_ms, knobs=knob_dict)
+
+
+def _scaled(seconds: float | None) -> float | None:
+    """Seconds to milliseconds, keeping None."""
+    return None if seconds is None else float(seconds) * 1e3
 
 
 def tune(model_path: str | os.PathLike[str], options: TuneOptions = TuneOptions(),
@@ -798,6 +928,7 @@ def _last_line(error: BaseException) -> str:
 
 __all__ = [
     "TaskResult",
+    "TunedKernels",
     "TuneOptions",
     "TuneResult",
     "apply_tuning_database",

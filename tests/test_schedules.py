@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from conftest import cpu_has, shared_path
 from edgeq.schedules import build_cpu, cpu_pipeline
+from edgeq.schedules.rules import DEFAULT_KNOBS, KNOB_CANDIDATES, ScheduleKnobs
 
 X86 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell", "num-cores": 2})
 VNNI = tvm.target.Target({"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2})
@@ -55,6 +57,33 @@ def conv_module(kernel_layout: str = "OHWI", stride: int = 1) -> tvm.IRModule:
         return _requant(bb, acc, 1_518_500_250, 40)
 
     return _module((1, 14, 14, 16), body)
+
+
+def float_conv_module() -> tvm.IRModule:
+    """3x3 float32 conv2d NHWC with 64 output channels, bias and ReLU."""
+    weight = RNG.standard_normal((3, 3, 16, 64)).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 14, 14, 16), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            acc = bb.emit(relax.op.nn.conv2d(x, relax.const(weight), padding=1, data_layout="NHWC",
+                                             kernel_layout="HWIO"))
+            out = bb.emit_output(relax.op.nn.relu(relax.op.add(acc, relax.const(RNG.standard_normal(64).astype("float32")))))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def float_dense_module() -> tvm.IRModule:
+    """float32 (1, 256) x (256, 128) matmul with bias."""
+    weight = RNG.standard_normal((256, 128)).astype("float32")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 256), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            acc = bb.emit(relax.op.matmul(x, relax.const(weight)))
+            out = bb.emit_output(relax.op.add(acc, relax.const(RNG.standard_normal(128).astype("float32"))))
+        bb.emit_func_output(out)
+    return bb.get()
 
 
 def conv_padded_output_module(before: int = 0) -> tvm.IRModule:
@@ -176,6 +205,35 @@ def _random_inputs(mod: tvm.IRModule) -> list[np.ndarray]:
 def _scheduled_prim_funcs(mod: tvm.IRModule, target: tvm.target.Target) -> dict[str, str]:
     lowered = cpu_pipeline(target)(mod)
     return {gv.name_hint: f.script() for gv, f in lowered.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+@pytest.mark.parametrize("knobs", KNOB_CANDIDATES, ids=lambda k: ",".join(
+    f"{n}={v}" for n, v in k.to_dict().items() if v != DEFAULT_KNOBS.to_dict()[n]))
+def test_every_tile_choice_tune_tries_is_bit_identical(knobs: ScheduleKnobs) -> None:
+    """`edgeq tune` may package any of these tile choices: each changes some kernel's schedule (on
+    AVX-512 VNNI, whose 32 registers fit every choice) and none changes an output."""
+    target = VNNI if _host_has(VNNI) else X86
+    changed = 0
+    for make in (lambda: grayscale_module(channels=24), lambda: grayscale_module(kernel=5, stride=1, channels=16),
+                 lambda: depthwise_hwio_module(channels=24), lambda: conv_module("HWIO", stride=2),
+                 pointwise_module, float_conv_module, float_dense_module):
+        mod = make()
+        changed += not tvm_ffi.structural_equal(cpu_pipeline(VNNI)(mod), cpu_pipeline(VNNI, knobs=knobs)(mod))
+        inputs = _random_inputs(mod)
+        for got, want in zip(_run(build_cpu(mod, target, knobs=knobs), inputs), _run(build_cpu(mod, target), inputs)):
+            np.testing.assert_array_equal(got, want)  # float too: tiles do not reorder a sum
+    assert changed, f"{knobs} changes none of these kernels' schedules"
+
+
+def test_the_schedule_pass_leaves_its_input_module_alone() -> None:
+    from edgeq.schedules import ScheduleCPU, kernel_passes
+
+    with X86:
+        mod = tvm.transform.Sequential(kernel_passes(X86))(conv_module())
+    before = {gv.name_hint: f for gv, f in mod.functions_items()}
+    scheduled = ScheduleCPU(X86).transform_module(mod, None)
+    assert {gv.name_hint: f for gv, f in mod.functions_items()} == before  # same objects: untouched
+    assert any(isinstance(f, tvm.tirx.PrimFunc) and f.attrs.get("tirx.is_scheduled") for _, f in scheduled.functions_items())
 
 
 @pytest.mark.parametrize("target", [X86, AARCH64], ids=["avx2", "neon"])

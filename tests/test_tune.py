@@ -64,6 +64,13 @@ def test_local_tuning_writes_a_database(tuned):
     assert any("task 1/1" in line and "2/2 trials" in line and "best" in line for line in lines), lines
     defaults = json.loads((db / tune_mod.DEFAULTS_FILE).read_text())["targets"]
     assert len(defaults) == 1 and len(next(iter(defaults.values()))) == 1
+    # edgeq's other tile choices were measured too (24 output channels: 3 vectors by default, 1 as well)
+    (entry,) = next(iter(defaults.values())).values()
+    from edgeq.schedules.rules import DEFAULT_KNOBS
+
+    assert entry["knob_seconds"] > 0 and entry["knobs"] != DEFAULT_KNOBS.to_dict()
+    assert task.knob_ms == pytest.approx(entry["knob_seconds"] * 1e3)
+    assert any("other tile choices" in line for line in lines), lines
 
 
 def test_a_database_whose_traces_use_tvm_intrinsics_is_read(tuned, tmp_path, monkeypatch):
@@ -149,6 +156,7 @@ def test_applied_database_swaps_the_tuned_kernel_and_stays_bit_exact(tuned, tmp_
     model = read_tflite(model_path())
     mod, _ = import_model(model, CompileOptions())
 
+    defaults["targets"][key][digest]["knobs"] = None  # MetaSchedule's record against edgeq's default only
     # edgeq's default beat every record: nothing is applied.
     defaults["targets"][key][digest]["seconds"] = 0.0
     defaults_file.write_text(json.dumps(defaults))
@@ -156,9 +164,9 @@ def test_applied_database_swaps_the_tuned_kernel_and_stays_bit_exact(tuned, tmp_
     # The tuned record beats it: the pass swaps that one kernel in and marks it scheduled.
     defaults["targets"][key][digest]["seconds"] = 1.0
     defaults_file.write_text(json.dumps(defaults))
-    chosen, names = tune_mod.best_records(db, target)
-    assert len(names) == 1 and TASK in names[0]
-    assert tune_mod.best_records(db, target)[0] is chosen  # packaging's second ask reads nothing again
+    chosen = tune_mod.best_records(db, target)
+    assert len(chosen.names) == 1 and TASK in chosen.names[0] and not chosen.knobs
+    assert tune_mod.best_records(db, target) is chosen  # packaging's second ask reads nothing again
 
     default_mod, default_exe = _build(mod, target)
     tuned_mod, tuned_exe = _build(mod, target, tuning_db=db)
@@ -193,6 +201,74 @@ def test_applied_database_swaps_the_tuned_kernel_and_stays_bit_exact(tuned, tmp_
         predictors = {tag: edgeq.load(b.path) for tag, b in bundles.items()}
         data = rng.integers(-128, 128, size=spec.shape, dtype=np.int64).astype(spec.dtype)
         np.testing.assert_array_equal(predictors["tuned"].run(data)[0], predictors["default"].run(data)[0])
+
+
+def test_a_faster_tile_choice_is_applied_and_stays_bit_exact(tuned, tmp_path):
+    """Where edgeq's other tile choice beat its default (and MetaSchedule's records), packaging
+    schedules that kernel with it; the others keep the default; outputs stay identical."""
+    import tvm_ffi
+
+    from edgeq.compiler import CompileOptions, import_model, tvm_target
+    from edgeq.devices import get_device
+    from edgeq.schedules import cpu_info
+    from edgeq.schedules.rules import ScheduleKnobs, schedule_func
+    from edgeq.tflite_model import read_tflite
+
+    db = tmp_path / "db"
+    shutil.copytree(tuned[0], db)
+    defaults_file = db / tune_mod.DEFAULTS_FILE
+    defaults = json.loads(defaults_file.read_text())
+    (key,) = defaults["targets"]
+    (entry,) = defaults["targets"][key].values()
+    knobs = ScheduleKnobs(dot_vec_choices=(1,))
+    target = tvm_target(get_device(DEVICE))
+
+    # Within the margin of the default: not worth a different schedule.
+    entry.update(seconds=1.0, knob_seconds=1.0 - tune_mod.KNOB_MARGIN / 2, knobs=knobs.to_dict())
+    defaults_file.write_text(json.dumps(defaults))
+    assert tune_mod.best_records(db, target).knobs == {}
+    # Clearly faster than the default and than every MetaSchedule record (seconds in the record file).
+    entry.update(knob_seconds=0.0)
+    defaults_file.write_text(json.dumps(defaults))
+    chosen = tune_mod.best_records(db, target)
+    assert list(chosen.knobs.values()) == [knobs] and len(chosen.database) == 0
+    assert len(chosen.names) == 1 and TASK in chosen.names[0] and "edgeq tiles" in chosen.names[0]
+
+    model = read_tflite(model_path())
+    mod, _ = import_model(model, CompileOptions())
+    default_mod, default_exe = _build(mod, target)
+    tuned_mod, tuned_exe = _build(mod, target, tuning_db=db)
+    tuned_funcs, default_funcs = _prim_funcs(tuned_mod), _prim_funcs(default_mod)
+    (name,) = [n for n in tuned_funcs if TASK in n]
+    assert not tvm_ffi.structural_equal(tuned_funcs[name], default_funcs[name])
+    others = [n for n in tuned_funcs if n != name]
+    assert others and all(tvm_ffi.structural_equal(tuned_funcs[n], default_funcs[n]) for n in others)
+    # It is exactly edgeq's schedule with those knobs, of the same kernel.
+    from edgeq.schedules import kernel_passes
+    import tvm
+
+    with target:
+        unscheduled = _prim_funcs(tvm.transform.Sequential(kernel_passes(target))(mod))[name]
+    expected = schedule_func(unscheduled, cpu_info(target), knobs)
+    assert tvm_ffi.structural_equal(tuned_funcs[name].without_attr("tirx.is_scheduled"),
+                                    expected.without_attr("tirx.is_scheduled"))
+
+    rng = np.random.default_rng(11)
+    spec = model.inputs[0]
+    for _ in range(3):
+        data = rng.integers(-128, 128, size=spec.shape, dtype=np.int64).astype(spec.dtype)
+        for want, got in zip(_run(default_exe, data), _run(tuned_exe, data)):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_schedule_knobs_round_trip_and_refuse_unknown_names():
+    from edgeq.schedules.rules import DEFAULT_KNOBS, KNOB_CANDIDATES, ScheduleKnobs
+
+    for knobs in (DEFAULT_KNOBS, *KNOB_CANDIDATES):
+        assert ScheduleKnobs.from_dict(json.loads(json.dumps(knobs.to_dict()))) == knobs
+    assert len(set(KNOB_CANDIDATES)) == len(KNOB_CANDIDATES) and DEFAULT_KNOBS not in KNOB_CANDIDATES
+    with pytest.raises(ValueError, match="unknown schedule knobs warp_size"):
+        ScheduleKnobs.from_dict({"warp_size": 32})
 
 
 # -- through `edgeq serve` on loopback ----------------------------------------------------------

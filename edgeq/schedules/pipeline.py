@@ -12,7 +12,7 @@ from .dotprod import PackForDotProduct
 from .float_exact import SeparateFloatMultiplyAdd
 from .fusion import legalize_and_fuse_passes
 from .high_multiply import EvenOddHighMultiply
-from .rules import schedule_func
+from .rules import DEFAULT_KNOBS, ScheduleKnobs, schedule_func
 from .stack_buffers import KeepTileBuffersOnStack
 from .target import cpu_info
 
@@ -21,10 +21,11 @@ _SCHEDULED = "tirx.is_scheduled"
 
 @tvm.transform.module_pass(opt_level=0, name="edgeq.ScheduleCPU")
 class ScheduleCPU:
-    """Schedule every not-yet-scheduled PrimFunc of a module for a CPU target."""
+    """Schedule every not-yet-scheduled PrimFunc of a module for a CPU target (with ``knobs``' tiles)."""
 
-    def __init__(self, target: tvm.target.Target) -> None:
+    def __init__(self, target: tvm.target.Target, knobs: ScheduleKnobs = DEFAULT_KNOBS) -> None:
         self.target = target
+        self.knobs = knobs
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         info = cpu_info(self.target)
@@ -32,9 +33,12 @@ class ScheduleCPU:
         for gvar, func in mod.functions_items():
             if not isinstance(func, tirx.PrimFunc) or bool(func.attrs and func.attrs.get(_SCHEDULED, False)):
                 continue
-            scheduled = schedule_func(func, info)
+            scheduled = schedule_func(func, info, self.knobs)
             if scheduled is not None:
                 updates[gvar] = scheduled.with_attr(_SCHEDULED, True)
+        if not updates:
+            return mod
+        mod = mod.clone()  # a pass returns a new module: the caller's keeps its functions
         for gvar, func in updates.items():
             mod[gvar] = func
         return mod
@@ -52,12 +56,14 @@ def cpu_pipeline(
     *,
     tuning_db: str | os.PathLike[str] | None = None,
     fuse_float_multiply_add: bool = False,
+    knobs: ScheduleKnobs = DEFAULT_KNOBS,
 ) -> tvm.transform.Pass:
     """The Relax pipeline of :func:`build_cpu`: legalize, fuse, schedule, lower to the VM.
 
     ``tuning_db`` (an ``edgeq tune`` database) puts its tuned kernels in place before edgeq's
-    schedules take the rest. ``extra_passes`` run right after the schedules. Float multiplies and
-    adds are kept apart (see :mod:`.float_exact`) unless ``fuse_float_multiply_add``.
+    schedules take the rest, with ``knobs``' register tiles. ``extra_passes`` run right after the
+    schedules. Float multiplies and adds are kept apart (see :mod:`.float_exact`) unless
+    ``fuse_float_multiply_add``.
     """
     tuned = []
     if tuning_db is not None:
@@ -72,7 +78,7 @@ def cpu_pipeline(
             seq = tvm.transform.Sequential(
                 kernel_passes(target)
                 + tuned
-                + [ScheduleCPU(target), *extra_passes]
+                + [ScheduleCPU(target, knobs), *extra_passes]
                 + exact
                 + generic.dataflow_lower_passes(target)
                 + generic.finalize_passes(target)

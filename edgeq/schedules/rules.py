@@ -18,8 +18,12 @@ additions, which are exact.
 """
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import tvm
 from tvm import s_tir, tirx
@@ -37,8 +41,6 @@ _MIN_PARALLEL_ELEMS = 4096
 # A reduction kernel runs on one thread below this many multiply-adds (or window elements): waking
 # the other threads and waiting for them costs more than they save.
 _MIN_PARALLEL_WORK = 32768
-# Largest register tile along the width axis.
-_MAX_WIDTH_TILE = 12
 # Inlining stops when a consumer's expression would grow past this many nodes: values read
 # several times (integer requantization) would otherwise grow exponentially along a chain.
 _MAX_INLINED_NODES = 64
@@ -53,9 +55,6 @@ _MAX_LEAF_NODES = 24
 # Functions whose largest loop nest is smaller than this keep the default (unscheduled) code.
 _MIN_SCHEDULED_ELEMS = 512
 _CHEAP_CALLS = IF_THEN_ELSE
-# Vector tiles are 4, 2 or 1 registers: odd multiples (24 floats) made LLVM emit slow shuffles.
-_VEC_CHOICES = (4, 2, 1)
-_DOT_VEC_CHOICES = (4, 3, 2, 1)
 # Largest accumulator tile. TVM's own stack limit (1 KiB) set it; with larger buffers kept on the
 # stack (.stack_buffers) 16 KiB tiles measured slower (EfficientNet-Lite0 2076 -> 2144 us, VWW
 # 89 -> 107 us on two threads), so the bound stays.
@@ -66,14 +65,72 @@ _MAX_UNROLLED_INNER = 8
 _MIN_VECTOR_LANES = 4
 
 
+@dataclass(frozen=True)
+class ScheduleKnobs:
+    """The register-tile choices of the default schedules; ``edgeq tune`` tries a few others per
+    kernel (:data:`KNOB_CANDIDATES`) and keeps the fastest."""
+
+    # Vector tiles are 4, 2 or 1 registers: odd multiples (24 floats) made LLVM emit slow shuffles.
+    vec_choices: tuple[int, ...] = (4, 2, 1)
+    # Tensorized kernels issue one instruction per vector: three vectors are as good as two or four
+    # (rps96's 24-channel first conv); some epilogues run slower across them (EfficientNet-Lite0's
+    # 24-channel projection with its residual add: 145 -> 108 us with (4, 2, 1) on one thread).
+    dot_vec_choices: tuple[int, ...] = (4, 3, 2, 1)
+    # Largest register tile along the width axis.
+    max_width_tile: int = 12
+
+    def to_dict(self) -> dict[str, object]:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> "ScheduleKnobs":
+        """The knobs a tuning database recorded (unknown names are an error: a newer edgeq wrote them)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown schedule knobs {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+DEFAULT_KNOBS = ScheduleKnobs()
+# What `edgeq tune` measures per kernel besides the default (only those that change its schedule).
+KNOB_CANDIDATES = (
+    ScheduleKnobs(dot_vec_choices=(4, 2, 1)),
+    ScheduleKnobs(dot_vec_choices=(2, 1)),
+    ScheduleKnobs(dot_vec_choices=(1,)),
+    ScheduleKnobs(vec_choices=(2, 1)),
+    ScheduleKnobs(max_width_tile=6),
+    ScheduleKnobs(max_width_tile=16),
+    ScheduleKnobs(dot_vec_choices=(4, 2, 1), max_width_tile=16),
+    ScheduleKnobs(dot_vec_choices=(1,), max_width_tile=16),
+    ScheduleKnobs(dot_vec_choices=(4, 2, 1), max_width_tile=6),
+)
+_knobs: contextvars.ContextVar[ScheduleKnobs] = contextvars.ContextVar("edgeq_schedule_knobs", default=DEFAULT_KNOBS)
+
+
+@contextmanager
+def _using(knobs: ScheduleKnobs) -> Iterator[None]:
+    token = _knobs.set(knobs)
+    try:
+        yield
+    finally:
+        _knobs.reset(token)
+
+
 def is_scalar_sized(func: tirx.PrimFunc) -> bool:
     """Whether ``func``'s largest loop nest is too small for threads and vectors to pay off
     (edgeq leaves such kernels unscheduled, and ``edgeq tune`` leaves them out)."""
     return _max_elements(s_tir.Schedule(func)) < _MIN_SCHEDULED_ELEMS
 
 
-def schedule_func(func: tirx.PrimFunc, info: CpuInfo) -> tirx.PrimFunc | None:
+def schedule_func(func: tirx.PrimFunc, info: CpuInfo, knobs: ScheduleKnobs = DEFAULT_KNOBS) -> tirx.PrimFunc | None:
     """Return ``func`` scheduled for ``info``'s CPU, or None when no strategy applies."""
+    with _using(knobs):
+        return _schedule_func(func, info)
+
+
+def _schedule_func(func: tirx.PrimFunc, info: CpuInfo) -> tirx.PrimFunc | None:
     if is_scalar_sized(func):
         return None
     func, fills = split_pad_fills(func, info)
@@ -186,7 +243,7 @@ def _widest_dtype(sch: s_tir.Schedule, block: SBlockRV) -> str:
 def _vector_tile(extent: int, lanes: int) -> int:
     """Largest ``lanes * k`` (k in 4, 2, 1) dividing ``extent``, else the widest narrower vector
     (a power of two, at least ``_MIN_VECTOR_LANES``) dividing it; 0 if none."""
-    for k in _VEC_CHOICES:
+    for k in _knobs.get().vec_choices:
         if extent % (lanes * k) == 0:
             return lanes * k
     narrow = _narrow_lanes(extent, lanes)
@@ -421,7 +478,7 @@ def _blockwise(sch: s_tir.Schedule, info: CpuInfo) -> bool:
 
 def _register_tile(
     width: int, vec_extent: int, lanes: int, regs: int, acc_bytes: int,
-    vec_choices: tuple[int, ...] = _VEC_CHOICES, broadcast_cost: int = 1,
+    vec_choices: tuple[int, ...] = DEFAULT_KNOBS.vec_choices, broadcast_cost: int = 1,
 ) -> tuple[int, int]:
     """Pick (width tile, vector tile): ``width`` positions x ``vecs`` vectors of accumulators.
 
@@ -436,7 +493,7 @@ def _register_tile(
     for vecs in vec_choices:
         if vec_extent % (lanes * vecs):
             continue
-        for tile in range(min(width, _MAX_WIDTH_TILE), 0, -1):
+        for tile in range(min(width, _knobs.get().max_width_tile), 0, -1):
             if width % tile or tile * vecs + vecs > regs or tile * vecs * lanes * acc_bytes >= _MAX_STACK_BYTES:
                 continue
             candidate = (-(broadcast_cost / vecs + 1 / tile), tile * vecs, vecs, tile)
@@ -493,9 +550,9 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
 
     width = extents[n_spatial - 2] if n_spatial >= 2 else 1
     regs = info.vector_regs - 4
-    # Tensorized kernels issue one instruction per vector: three vectors are as good as two or four.
     narrow_dot = dot_for(sch, anchor, info.dots, lanes)
-    choices = _DOT_VEC_CHOICES if narrow_dot is not None else _VEC_CHOICES
+    knobs = _knobs.get()
+    choices = knobs.dot_vec_choices if narrow_dot is not None else knobs.vec_choices
     broadcast_cost = narrow_dot.broadcast_cost if narrow_dot is not None else 1
     acc_bytes = tvm.DataType(acc_dtype).bits // 8
     width_tile, vec_tile = _register_tile(width, vec_extent, lanes, regs, acc_bytes, choices, broadcast_cost)
