@@ -1,7 +1,8 @@
 """CPU latency of the shared TFLite models: edgeq default schedules vs stock TVM vs TFLite.
 
 One table per model: median latency over repeated runs and the ratio to the TFLite reference
-interpreter (XNNPACK, same thread count). Every runtime is timed twice - alone, after a quiet
+interpreter (XNNPACK, same thread count). A sample of a small model is the mean of back-to-back
+calls lasting at least 2 ms (``MIN_SAMPLE_S``). Every runtime is timed twice - alone, after a quiet
 pause in which the other runtimes' worker threads stop spinning, and in shared rounds (a few runs
 of each in turn, so that a slow spell of the machine falls on all of them) - and each row shows the
 lower of its two medians: no runtime is measured only while another one's threads compete with it.
@@ -40,20 +41,36 @@ MODELS = REPO.parent / "shared" / "models" / "tflite"
 DEFAULT_MODELS = tuple(sorted(p.name for p in MODELS.glob("*.tflite"))) if MODELS.is_dir() else ()
 
 
+# A sample times this long a stretch of back-to-back calls (at least one call): a model of 20 us
+# timed call by call carries the timer's and the Python call's ~1-2 us, and one call's worth of
+# noise, in every sample.
+MIN_SAMPLE_S = 0.002
+
+
+def _calls_per_sample(run: Callable[[], object], warmup: int) -> int:
+    """Warm ``run`` up; how many back-to-back calls make a sample of :data:`MIN_SAMPLE_S`."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        run()
+    per_call = (time.perf_counter() - start) / warmup
+    return max(1, min(1000, round(MIN_SAMPLE_S / max(per_call, 1e-9))))
+
+
 def _interleaved_medians(runs: list[tuple[Callable[[], object], int]], burst: int = 3, warmup: int = 3) -> list[float]:
-    """Median ms of each ``(run, repeat)``, timed in rounds of ``burst`` runs of each runtime in turn,
-    so that a slow spell of a shared machine falls on all runtimes alike rather than on one row
-    (bursts keep each runtime's worker threads awake as in a steady stream of inferences)."""
-    for run, _ in runs:
-        for _ in range(warmup):
-            run()
+    """Median ms per call of each ``(run, repeat)``: ``repeat`` samples, each the mean of enough
+    back-to-back calls to last :data:`MIN_SAMPLE_S` (one call for models slower than that), timed in
+    rounds of ``burst`` samples of each runtime in turn, so that a slow spell of a shared machine
+    falls on all runtimes alike rather than on one row (bursts keep each runtime's worker threads
+    awake as in a steady stream of inferences)."""
+    calls = [_calls_per_sample(run, warmup) for run, _ in runs]
     times: list[list[float]] = [[] for _ in runs]
     while any(len(samples) < repeat for (_, repeat), samples in zip(runs, times)):
-        for (run, repeat), samples in zip(runs, times):
+        for (run, repeat), samples, count in zip(runs, times, calls):
             for _ in range(min(burst, repeat - len(samples))):
                 start = time.perf_counter()
-                run()
-                samples.append(time.perf_counter() - start)
+                for _ in range(count):
+                    run()
+                samples.append((time.perf_counter() - start) / count)
     return [statistics.median(samples) * 1e3 for samples in times]
 
 
