@@ -55,10 +55,6 @@ _MAX_LEAF_NODES = 24
 # Functions whose largest loop nest is smaller than this keep the default (unscheduled) code.
 _MIN_SCHEDULED_ELEMS = 512
 _CHEAP_CALLS = IF_THEN_ELSE
-# Largest accumulator tile. TVM's own stack limit (1 KiB) set it; with larger buffers kept on the
-# stack (.stack_buffers) 16 KiB tiles measured slower (EfficientNet-Lite0 2076 -> 2144 us, VWW
-# 89 -> 107 us on two threads), so the bound stays.
-_MAX_STACK_BYTES = 1024
 # Innermost loops up to this extent are unrolled when they cannot be vectorized.
 _MAX_UNROLLED_INNER = 8
 # Narrowest vector (in elements) used when a channel count is not a multiple of the full width.
@@ -78,6 +74,10 @@ class ScheduleKnobs:
     dot_vec_choices: tuple[int, ...] = (4, 3, 2, 1)
     # Largest register tile along the width axis.
     max_width_tile: int = 12
+    # Largest accumulator tile. TVM's own stack limit (1 KiB) set it; with larger buffers kept on the
+    # stack (.stack_buffers) 16 KiB tiles measured slower for whole models (EfficientNet-Lite0 2076
+    # -> 2144 us, VWW 89 -> 107 us on two threads), so the default stays.
+    max_stack_bytes: int = 1024
 
     def to_dict(self) -> dict[str, object]:
         return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
@@ -105,6 +105,7 @@ KNOB_CANDIDATES = (
     ScheduleKnobs(dot_vec_choices=(4, 2, 1), max_width_tile=16),
     ScheduleKnobs(dot_vec_choices=(1,), max_width_tile=16),
     ScheduleKnobs(dot_vec_choices=(4, 2, 1), max_width_tile=6),
+    ScheduleKnobs(dot_vec_choices=(4, 2, 1), max_stack_bytes=2048),
 )
 _knobs: contextvars.ContextVar[ScheduleKnobs] = contextvars.ContextVar("edgeq_schedule_knobs", default=DEFAULT_KNOBS)
 
@@ -494,7 +495,7 @@ def _register_tile(
         if vec_extent % (lanes * vecs):
             continue
         for tile in range(min(width, _knobs.get().max_width_tile), 0, -1):
-            if width % tile or tile * vecs + vecs > regs or tile * vecs * lanes * acc_bytes >= _MAX_STACK_BYTES:
+            if width % tile or tile * vecs + vecs > regs or tile * vecs * lanes * acc_bytes >= _knobs.get().max_stack_bytes:
                 continue
             candidate = (-(broadcast_cost / vecs + 1 / tile), tile * vecs, vecs, tile)
             if best is None or candidate > best:
