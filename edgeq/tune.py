@@ -700,9 +700,14 @@ def _measure_default(task: _Task, device: Device, tuning_target: Any, measurer: 
     return _measure(schedule_func(func, cpu_info(tvm_target(device))) or func, func, tuning_target, measurer)
 
 
-def _search_knobs(task: _Task, device: Device, tuning_target: Any, measurer: _Measurer) -> tuple[Any, float | None, int]:
+def _search_knobs(
+    task: _Task, device: Device, tuning_target: Any, measurer: _Measurer, default_seconds: float
+) -> tuple[Any, float | None, float, int]:
     """edgeq's other tile choices for ``task`` (those that change its schedule), each measured:
-    (the fastest ScheduleKnobs or None, its seconds, how many were measured)."""
+    (the fastest ScheduleKnobs or None, its seconds, the default's seconds, how many were measured).
+
+    A choice that beats the default is confirmed: both are timed once more and each keeps its
+    faster timing (one slow timing of the default must not hand its kernel to another tile)."""
     import tvm_ffi
 
     from .compiler import tvm_target
@@ -712,7 +717,7 @@ def _search_knobs(task: _Task, device: Device, tuning_target: Any, measurer: _Me
     info = cpu_info(tvm_target(device))
     func = task.mod["main"]
     seen = [schedule_func(func, info) or func]
-    best: tuple[float, Any] | None = None
+    best: tuple[float, Any, Any] | None = None  # (seconds, scheduled function, knobs)
     for knobs in KNOB_CANDIDATES:
         scheduled = schedule_func(func, info, knobs)
         if scheduled is None or any(tvm_ffi.structural_equal(scheduled, other) for other in seen):
@@ -720,8 +725,14 @@ def _search_knobs(task: _Task, device: Device, tuning_target: Any, measurer: _Me
         seen.append(scheduled)
         seconds = _measure(scheduled, func, tuning_target, measurer)
         if seconds is not None and (best is None or seconds < best[0]):
-            best = (seconds, knobs)
-    return (best[1], best[0], len(seen) - 1) if best else (None, None, len(seen) - 1)
+            best = (seconds, scheduled, knobs)
+    if best is None:
+        return None, None, default_seconds, len(seen) - 1
+    seconds, scheduled, knobs = best
+    if _knobs_win(seconds, default_seconds):
+        default_seconds = min(default_seconds, _measure(seen[0], func, tuning_target, measurer) or default_seconds)
+        seconds = min(seconds, _measure(scheduled, func, tuning_target, measurer) or seconds)
+    return knobs, seconds, default_seconds, len(seen) - 1
 
 
 def _measure(scheduled: Any, func: Any, tuning_target: Any, measurer: _Measurer) -> float | None:
@@ -794,9 +805,11 @@ def _tune_task(run: _Run, index: int, count: int, task: _Task) -> TaskResult:
     entry = target_defaults.get(digest)
     default_ms = float(entry["seconds"]) * 1e3 if entry else None
     if entry and "knobs" not in entry:
-        knobs, seconds, count = _search_knobs(task, run.device, run.target, run.measurer)
-        entry.update(knobs=knobs.to_dict() if knobs else None, knob_seconds=seconds)
+        knobs, seconds, default_seconds, count = _search_knobs(
+            task, run.device, run.target, run.measurer, float(entry["seconds"]))
+        entry.update(seconds=default_seconds, knobs=knobs.to_dict() if knobs else None, knob_seconds=seconds)
         _write_defaults(run.folder, run.defaults)
+        default_ms = default_seconds * 1e3
         if count:
             run.say(f"{label}: edgeq's other tile choices, {count} measured: best {_ms(_scaled(seconds))} "
                     f"(edgeq default {_ms(default_ms)})")

@@ -59,8 +59,9 @@ def test_local_tuning_writes_a_database(tuned):
     assert task.trials_now == 2 and task.trials_total == 2 and result.trials_now == 2
     assert task.default_ms is not None and task.default_ms > 0  # edgeq's own schedule, measured alike
     assert task.best_ms is not None and task.best_ms > 0
-    assert task.applied == (task.best_ms < task.default_ms)
-    assert result.estimated_ms == pytest.approx(min(task.best_ms, task.default_ms))
+    assert task.edgeq_ms == (task.knob_ms if task.knobs_applied else task.default_ms)
+    assert task.applied == (task.best_ms < task.edgeq_ms)  # MetaSchedule's against edgeq's best own
+    assert result.estimated_ms == pytest.approx(min(task.best_ms, task.edgeq_ms))
     assert any("task 1/1" in line and "2/2 trials" in line and "best" in line for line in lines), lines
     defaults = json.loads((db / tune_mod.DEFAULTS_FILE).read_text())["targets"]
     assert len(defaults) == 1 and len(next(iter(defaults.values()))) == 1
@@ -259,6 +260,34 @@ def test_a_faster_tile_choice_is_applied_and_stays_bit_exact(tuned, tmp_path):
         data = rng.integers(-128, 128, size=spec.shape, dtype=np.int64).astype(spec.dtype)
         for want, got in zip(_run(default_exe, data), _run(tuned_exe, data)):
             np.testing.assert_array_equal(got, want)
+
+
+def test_a_tile_choice_that_wins_once_is_timed_again(monkeypatch):
+    """One fast timing of another tile (or one slow timing of the default) is not enough: both are
+    timed again and each keeps its faster time; without a win nothing more is timed."""
+    import tvm
+
+    from edgeq.devices import get_device
+
+    device = get_device(DEVICE)
+    mod = tune_mod.tuning_module(model_path(), device)
+    (func,) = [f for gv, f in mod.functions_items() if TASK in gv.name_hint]
+    task = tune_mod._Task(TASK, tvm.IRModule({"main": func}), calls=1, flops=0.0)
+    timings: list[float] = []
+    calls = []
+
+    def fake_measure(scheduled, original, target, measurer):
+        calls.append(scheduled)
+        return timings.pop(0) if timings else 0.9
+
+    monkeypatch.setattr(tune_mod, "_measure", fake_measure)
+    timings[:] = [0.5]  # the first other tile: 0.5 s against the default's 1.0 s; then both again
+    knobs, seconds, default, count = tune_mod._search_knobs(task, device, None, None, 1.0)
+    assert count >= 1 and len(calls) == count + 2 and knobs is not None
+    assert seconds == 0.5 and default == 0.9  # each keeps its faster timing
+    calls.clear()
+    knobs, seconds, default, count = tune_mod._search_knobs(task, device, None, None, 0.5)
+    assert len(calls) == count and default == 0.5 and seconds == 0.9  # no win: no second timing
 
 
 def test_schedule_knobs_round_trip_and_refuse_unknown_names():
