@@ -426,10 +426,9 @@ def apply_tuning_database(database_dir: str | os.PathLike[str], target: Any) -> 
     beat edgeq's default schedule are applied.
     """
     import tvm
-    from tvm import relax, tirx
+    from tvm import relax
 
-    from .schedules import cpu_info
-    from .schedules.rules import schedule_func
+    from .schedules.pipeline import schedule_unscheduled
 
     tuned = best_records(database_dir, target)
 
@@ -440,25 +439,9 @@ def apply_tuning_database(database_dir: str | os.PathLike[str], target: Any) -> 
                 mod = relax.transform.MetaScheduleApplyDatabase()(mod)
         if not tuned.knobs:
             return mod
-        info = cpu_info(target)
-        updates = {}
-        for gvar, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or (func.attrs and func.attrs.get(_SCHEDULED, False)):
-                continue
-            knobs = tuned.knobs.get(workload_key(_normalize(func)))
-            scheduled = schedule_func(func, info, knobs) if knobs is not None else None
-            if scheduled is not None:
-                updates[gvar] = scheduled.with_attr(_SCHEDULED, True)
-        if updates:
-            mod = mod.clone()
-            for gvar, func in updates.items():
-                mod[gvar] = func
-        return mod
+        return schedule_unscheduled(mod, target, lambda func: tuned.knobs.get(workload_key(_normalize(func))))
 
     return _apply
-
-
-_SCHEDULED = "tirx.is_scheduled"
 
 
 def _normalize(func: Any) -> Any:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import tvm
 from tvm import relax, tirx
@@ -19,6 +19,29 @@ from .target import cpu_info
 _SCHEDULED = "tirx.is_scheduled"
 
 
+def schedule_unscheduled(
+    mod: tvm.IRModule, target: tvm.target.Target, knobs_for: Callable[[tirx.PrimFunc], ScheduleKnobs | None]
+) -> tvm.IRModule:
+    """``mod`` with each not-yet-scheduled PrimFunc that ``knobs_for`` gives knobs for scheduled
+    with them and marked ``tirx.is_scheduled``: a new module when any changed (the caller's keeps
+    its functions)."""
+    info = cpu_info(target)
+    updates = {}
+    for gvar, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc) or bool(func.attrs and func.attrs.get(_SCHEDULED, False)):
+            continue
+        knobs = knobs_for(func)
+        scheduled = schedule_func(func, info, knobs) if knobs is not None else None
+        if scheduled is not None:
+            updates[gvar] = scheduled.with_attr(_SCHEDULED, True)
+    if not updates:
+        return mod
+    mod = mod.clone()
+    for gvar, func in updates.items():
+        mod[gvar] = func
+    return mod
+
+
 @tvm.transform.module_pass(opt_level=0, name="edgeq.ScheduleCPU")
 class ScheduleCPU:
     """Schedule every not-yet-scheduled PrimFunc of a module for a CPU target (with ``knobs``' tiles)."""
@@ -28,20 +51,7 @@ class ScheduleCPU:
         self.knobs = knobs
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        info = cpu_info(self.target)
-        updates = {}
-        for gvar, func in mod.functions_items():
-            if not isinstance(func, tirx.PrimFunc) or bool(func.attrs and func.attrs.get(_SCHEDULED, False)):
-                continue
-            scheduled = schedule_func(func, info, self.knobs)
-            if scheduled is not None:
-                updates[gvar] = scheduled.with_attr(_SCHEDULED, True)
-        if not updates:
-            return mod
-        mod = mod.clone()  # a pass returns a new module: the caller's keeps its functions
-        for gvar, func in updates.items():
-            mod[gvar] = func
-        return mod
+        return schedule_unscheduled(mod, self.target, lambda _func: self.knobs)
 
 
 def kernel_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
