@@ -673,21 +673,13 @@ def _cost_model(ms: Any, kind: str, seed: int) -> Any:
     return ms.cost_model.RandomModel(seed=seed)
 
 
-def _measure_default(task: _Task, device: Device, tuning_target: Any, measurer: _Measurer) -> float | None:
-    """Seconds edgeq's default schedule of ``task`` takes, measured like the tuning candidates."""
-    from .compiler import tvm_target
-    from .schedules import cpu_info
-    from .schedules.rules import schedule_func
-
-    func = task.mod["main"]
-    return _measure(schedule_func(func, cpu_info(tvm_target(device))) or func, func, tuning_target, measurer)
-
-
 def _search_knobs(
-    task: _Task, device: Device, tuning_target: Any, measurer: _Measurer, default_seconds: float
-) -> tuple[Any, float | None, float, int]:
-    """edgeq's other tile choices for ``task`` (those that change its schedule), each measured:
-    (the fastest ScheduleKnobs or None, its seconds, the default's seconds, how many were measured).
+    task: _Task, device: Device, tuning_target: Any, measurer: _Measurer, default_seconds: float | None
+) -> tuple[Any, float | None, float | None, int]:
+    """edgeq's own schedules of ``task``, measured like the tuning candidates: its default (unless
+    ``default_seconds`` is already known) and each other tile choice that changes its schedule.
+    Returns (the fastest ScheduleKnobs or None, its seconds, the default's seconds, how many other
+    choices were measured); the default's seconds are None when it could not be measured.
 
     A choice that beats the default is confirmed: both are timed once more and each keeps its
     faster timing (one slow timing of the default must not hand its kernel to another tile)."""
@@ -700,6 +692,10 @@ def _search_knobs(
     info = cpu_info(tvm_target(device))
     func = task.mod["main"]
     seen = [schedule_func(func, info) or func]
+    if default_seconds is None:
+        default_seconds = _measure(seen[0], func, tuning_target, measurer)
+        if default_seconds is None:
+            return None, None, None, 0
     best: tuple[float, Any, Any] | None = None  # (seconds, scheduled function, knobs)
     for knobs in KNOB_CANDIDATES:
         scheduled = schedule_func(func, info, knobs)
@@ -774,28 +770,26 @@ class _Run:
 
 
 def _tune_task(run: _Run, index: int, count: int, task: _Task) -> TaskResult:
-    """Measure edgeq's default once, then run what is left of the task's budget."""
+    """Measure edgeq's own schedules once (its default and other tile choices), then run what is
+    left of the task's MetaSchedule budget."""
     ms = _meta_schedule()
     digest = workload_key(run.database.commit_workload(task.mod).mod)
     done = len(run.recorded.get(digest, []))
     label = f"task {index}/{count} {_short(task.name)}"
     target_defaults = run.defaults.setdefault(run.key, {})
-    if digest not in target_defaults:  # edgeq's own schedules are measured whatever MetaSchedule's budget
-        seconds = _measure_default(task, run.device, run.target, run.measurer)
-        if seconds is not None:
-            target_defaults[digest] = {"task": task.name, "seconds": seconds}
-            _write_defaults(run.folder, run.defaults)
     entry = target_defaults.get(digest)
-    default_ms = float(entry["seconds"]) * 1e3 if entry else None
-    if entry and "knobs" not in entry:
-        knobs, seconds, default_seconds, count = _search_knobs(
-            task, run.device, run.target, run.measurer, float(entry["seconds"]))
-        entry.update(seconds=default_seconds, knobs=knobs.to_dict() if knobs else None, knob_seconds=seconds)
-        _write_defaults(run.folder, run.defaults)
-        default_ms = default_seconds * 1e3
-        if count:
-            run.say(f"{label}: edgeq's other tile choices, {count} measured: best {_ms(_scaled(seconds))} "
-                    f"(edgeq default {_ms(default_ms)})")
+    if entry is None or "knobs" not in entry:  # edgeq's own schedules, whatever MetaSchedule's budget
+        known = float(entry["seconds"]) if entry else None  # a database from before tile choices
+        knobs, seconds, default_seconds, measured = _search_knobs(task, run.device, run.target, run.measurer, known)
+        if default_seconds is not None:
+            entry = target_defaults[digest] = {
+                "task": task.name, "seconds": default_seconds,
+                "knobs": knobs.to_dict() if knobs else None, "knob_seconds": seconds}
+            _write_defaults(run.folder, run.defaults)
+        if measured:
+            run.say(f"{label}: edgeq's other tile choices, {measured} measured: best {_ms(_scaled(seconds))} "
+                    f"(edgeq default {_ms(_scaled(default_seconds))})")
+    default_ms = _scaled(entry["seconds"]) if entry else None
     knob_ms = _scaled(entry.get("knob_seconds")) if entry else None
     knob_dict = entry.get("knobs") if entry else None
     previous = [s for r in run.recorded.get(digest, []) if (s := _seconds(r)) is not None]
