@@ -467,6 +467,65 @@ def test_pool_and_softmax_tails_are_one_kernel_each(tmp_path: Path) -> None:
     np.testing.assert_array_equal(_run(build_cpu(mod, target), [image])[0].reshape(want.shape), want)
 
 
+def _conv_then_pool(path: Path, size: int, channels: int, pool: int, pool_stride: int, depthwise: bool) -> Path:
+    """An int8 TFLite model: 3x3 conv or depthwise conv (SAME, RELU, per-channel scales) ->
+    AVERAGE_POOL_2D (VALID)."""
+    from edgeq.tflite_builder import Q, TFLiteBuilder
+
+    b = TFLiteBuilder()
+    inputs = channels if depthwise else 8
+    x = b.input((1, size, size, inputs), "int8", Q(0.04, -9))
+    scales = [float(s) for s in RNG.uniform(0.002, 0.01, channels)]
+    weights = b.constant(_int8(1, 3, 3, channels) if depthwise else _int8(channels, 3, 3, inputs),
+                         Q(scales, [0] * channels, axis=3 if depthwise else 0))
+    bias = b.constant(RNG.integers(-3000, 3000, channels).astype("int32"), Q([0.04 * s for s in scales], [0] * channels))
+    layer = b.depthwise_conv2d if depthwise else b.conv2d
+    conv = layer(x, weights, bias, Q(0.02, -128), activation="RELU")
+    b.output(b.average_pool2d(conv, pool, pool_stride, out=Q(0.02, -128)))
+    path.write_bytes(b.build())
+    return path
+
+
+@pytest.mark.parametrize(
+    "size,channels,pool,stride,depthwise,fused",
+    [(12, 24, 2, 2, False, True), (9, 32, 3, 3, False, True), (12, 32, 2, 2, True, True),
+     (12, 24, 3, 2, False, False), (9, 24, 2, 2, False, False)],
+    ids=["2x2", "3x3", "depthwise", "overlapping", "rows-left-over"],
+)
+def test_a_tiling_average_pool_runs_in_the_convolutions_tiles(
+    tmp_path: Path, size: int, channels: int, pool: int, stride: int, depthwise: bool, fused: bool
+) -> None:
+    """An average pool whose windows tile the conv's output (stride = window, nothing left over)
+    joins the conv's kernel and pools each parallel tile right after its requantization: no second
+    pass over the conv's output. Overlapping windows, or a last row no window reads, keep a pool
+    kernel of their own. Outputs equal TFLite's reference kernels either way."""
+    from ai_edge_litert import interpreter as litert
+
+    from edgeq.int8 import import_integer
+
+    path = _conv_then_pool(tmp_path / "conv_pool.tflite", size, channels, pool, stride, depthwise)
+    mod, _report = import_integer(path)
+    funcs = _scheduled_prim_funcs(mod, VNNI)
+    together = [text for name, text in funcs.items() if ("conv2d" in name or "depthwise" in name) and "window_sum" in name]
+    assert len(together) == int(fused), sorted(funcs)
+    if fused:
+        (kernel,) = together
+        tiles = kernel[kernel.index("T.parallel(") :]
+        assert kernel.count("T.parallel(") == 1 and "vpdpbusd" in tiles
+        assert tiles.index('sblock("requantize")') < tiles.index('sblock("window_sum_update")')
+    else:
+        assert [name for name in funcs if name.startswith("fused_window_sum")], sorted(funcs)
+
+    reference = litert.Interpreter(model_path=str(path), experimental_op_resolver_type=litert.OpResolverType.BUILTIN_REF)
+    reference.allocate_tensors()
+    image = _int8(1, size, size, channels if depthwise else 8)
+    reference.set_tensor(reference.get_input_details()[0]["index"], image)
+    reference.invoke()
+    want = reference.get_tensor(reference.get_output_details()[0]["index"])
+    for target in [X86, VNNI] if _host_has(VNNI) else [X86]:
+        np.testing.assert_array_equal(_run(build_cpu(mod, target), [image])[0], want)
+
+
 def _high_multiply_module(shift: int, offset: int, scalar_multiplier: bool) -> tvm.IRModule:
     """out = int32((int64(a) * int64(m) + offset) >> shift), vectorized 16 lanes at a time."""
     from tvm import te, tirx

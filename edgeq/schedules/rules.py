@@ -8,7 +8,9 @@ Two strategies, tried in order on a fresh schedule each:
   vector registers, the next axis (width) into a small unrolled tile, reductions sit between
   the outer (parallel) and the register loops, the accumulator lives in a small stack buffer.
   Kernels that :mod:`.dotprod` packed for the ISA's integer dot product (VNNI, AVX2
-  ``vpmaddwd``, ARM ``sdot``) get their innermost channel vectors tensorized with it.
+  ``vpmaddwd``, ARM ``sdot``) get their innermost channel vectors tensorized with it. An
+  average pool fused after the reduction (windows that tile its output) is computed in the
+  same tiles, which then cover whole windows.
 * ``blockwise``: every block alone: elementwise blocks get their innermost axis vectorized
   and their outer loops fused and run in parallel; other reductions (softmax, ...) get their
   spatial loops in parallel.
@@ -31,7 +33,7 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV
 from tvm.s_tir.schedule.analysis import is_output_block
 
 from .dotprod import DEPTHWISE_ROWS, DotProduct, dot_for, tensorize_dot
-from .fusion import IF_THEN_ELSE, is_pad_value
+from .fusion import IF_THEN_ELSE, is_pad_value, tiled_window_block, walk
 from .target import CpuInfo
 
 log = logging.getLogger(__name__)
@@ -164,30 +166,10 @@ def _is_reduction(sch: s_tir.Schedule, block: SBlockRV) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
 
-def _children(node: object) -> list[object]:
-    """Sub-expressions of a TIR expression or buffer store."""
-    if isinstance(node, tvm.ir.Call):
-        return list(node.args)
-    if isinstance(node, (tirx.BufferStore, tvm.ir.expr.TensorLoad)):
-        return [*node.indices, *([node.value] if isinstance(node, tirx.BufferStore) else [])]
-    fields = ("a", "b", "value", "condition", "true_value", "false_value", "body", "base", "stride")
-    return [c for c in (getattr(node, f, None) for f in fields) if isinstance(c, tvm.ir.Expr)]
-
-
-def _walk(node: object) -> list[object]:
-    """All nodes of an expression tree, pre-order."""
-    out, stack = [], [node]
-    while stack:
-        current = stack.pop()
-        out.append(current)
-        stack.extend(_children(current))
-    return out
-
-
 def _has_costly_call(node: object) -> bool:
     """Whether an expression calls anything but ``if_then_else`` (round, exp, ...)."""
     return any(
-        isinstance(n, tvm.ir.Call) and getattr(n.op, "name", "") not in _CHEAP_CALLS for n in _walk(node)
+        isinstance(n, tvm.ir.Call) and getattr(n.op, "name", "") not in _CHEAP_CALLS for n in walk(node)
     )
 
 
@@ -201,11 +183,11 @@ def _inline_grows_ok(sch: s_tir.Schedule, block: SBlockRV) -> bool:
     if len(stmt.writes) != 1:
         return False
     buffer = stmt.writes[0].source
-    size = len(_walk(stmt.body))
+    size = len(walk(stmt.body))
     if size <= _MAX_LEAF_NODES and not sch.get_producers(block):
         return True  # a few nodes over the function's inputs (a residual's rescale): no chain to grow
     for consumer in sch.get_consumers(block):
-        nodes = _walk(sch.get(consumer).body)
+        nodes = walk(sch.get(consumer).body)
         reads = sum(1 for n in nodes if isinstance(n, tvm.ir.expr.TensorLoad) and n.source.same_as(buffer))
         limit = _MAX_SINGLE_READ_NODES if reads <= 1 else _MAX_INLINED_NODES
         if len(nodes) + reads * size > limit or (reads > 1 and size > _MAX_DUPLICATED_NODES):
@@ -361,12 +343,19 @@ def _with_root_statements(func: tirx.PrimFunc, statements: list[tirx.Stmt]) -> t
 
 
 def inline_injective(sch: s_tir.Schedule) -> None:
-    """Inline spatial blocks into consumers; padding too (measured faster than a padded copy)."""
+    """Inline spatial blocks into consumers; padding too (measured faster than a padded copy).
+    A block feeding a second reduction (a pool fused after a convolution) stays: it is the
+    convolution's epilogue, computed in its tiles."""
     changed = True
     while changed:
         changed = False
-        for block in list(sch.get_child_blocks(_root(sch))):
+        blocks = list(sch.get_child_blocks(_root(sch)))
+        # by name: the blocks' objects change as others are inlined
+        later_reductions = [sch.get(b).name_hint for b in blocks if _is_reduction(sch, b)][1:]
+        for block in blocks:
             if _is_reduction(sch, block) or is_output_block(sch, block):
+                continue
+            if any(sch.get(c).name_hint in later_reductions for c in sch.get_consumers(block)):
                 continue
             if sch.get(block).name_hint == DEPTHWISE_ROWS:
                 continue  # packed once per tile for the dot products (see _anchored)
@@ -479,7 +468,7 @@ def _blockwise(sch: s_tir.Schedule, info: CpuInfo) -> bool:
 
 def _register_tile(
     width: int, vec_extent: int, lanes: int, regs: int, acc_bytes: int,
-    vec_choices: tuple[int, ...] = DEFAULT_KNOBS.vec_choices, broadcast_cost: int = 1,
+    vec_choices: tuple[int, ...] = DEFAULT_KNOBS.vec_choices, broadcast_cost: int = 1, multiple_of: int = 1,
 ) -> tuple[int, int]:
     """Pick (width tile, vector tile): ``width`` positions x ``vecs`` vectors of accumulators.
 
@@ -488,14 +477,14 @@ def _register_tile(
     loading weights (one load per vector, shared by the width positions); the cheapest tile whose
     accumulators and weight vectors fit ``regs`` registers and that stays below the
     stack-allocation limit (a larger accumulator is heap-allocated per tile) wins, the larger one
-    on ties.
+    on ties. With a pool fused after it the width tile is a multiple of the pool's window.
     """
     best: tuple[float, int, int, int] | None = None  # (-cost, accumulators, vectors, width tile)
     for vecs in vec_choices:
         if vec_extent % (lanes * vecs):
             continue
         for tile in range(min(width, _knobs.get().max_width_tile), 0, -1):
-            if width % tile or tile * vecs + vecs > regs or tile * vecs * lanes * acc_bytes >= _knobs.get().max_stack_bytes:
+            if width % tile or tile % multiple_of or tile * vecs + vecs > regs or tile * vecs * lanes * acc_bytes >= _knobs.get().max_stack_bytes:
                 continue
             candidate = (-(broadcast_cost / vecs + 1 / tile), tile * vecs, vecs, tile)
             if best is None or candidate > best:
@@ -517,7 +506,7 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
     inline_injective(sch)
     blocks = sch.get_child_blocks(_root(sch))
     reductions = [b for b in blocks if _is_reduction(sch, b)]
-    if len(reductions) != 1:
+    if not 1 <= len(reductions) <= 2:
         return False
     anchor = reductions[0]
     position = [sch.get(b).name_hint for b in blocks].index(sch.get(anchor).name_hint)
@@ -538,6 +527,9 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
     extents = [_int_extent(sch, loop) for loop in loops]
     if any(e is None for e in extents):
         return False
+    pool = _tiling_pool(sch, reductions[1], extents[:n_spatial]) if len(reductions) == 2 else None
+    if len(reductions) == 2 and pool is None:
+        return False
     acc_dtype = stmt.writes[0].source.dtype
     vec_extent = extents[n_spatial - 1]
     lanes = _narrow_lanes(vec_extent, info.lanes(acc_dtype))
@@ -556,14 +548,27 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
     choices = knobs.dot_vec_choices if narrow_dot is not None else knobs.vec_choices
     broadcast_cost = narrow_dot.broadcast_cost if narrow_dot is not None else 1
     acc_bytes = tvm.DataType(acc_dtype).bits // 8
-    width_tile, vec_tile = _register_tile(width, vec_extent, lanes, regs, acc_bytes, choices, broadcast_cost)
+    width_tile, vec_tile = _register_tile(
+        width, vec_extent, lanes, regs, acc_bytes, choices, broadcast_cost, multiple_of=pool[1] if pool else 1
+    )
+    if pool is not None and width_tile % pool[1]:
+        return False
 
     # "global", not "local": on CPU only small global-scope allocations become stack
     # allocas (LowerTVMBuiltin); "local" ones become a workspace alloc per loop iteration.
     cache = sch.cache_write(anchor, 0, "global")
     spatial, reduce = loops[:n_spatial], loops[n_spatial:]
     v_outer, v_inner = sch.split(spatial[-1], [None, vec_tile])
-    if n_spatial >= 2:
+    if pool is not None:
+        # A tile covers whole windows of the pool: its rows are register tiles one after another,
+        # each written and requantized at ``tile_loop``, then pooled at ``outer[-1]``.
+        y_outer, tile_loop = sch.split(spatial[-3], [None, pool[0]])
+        w_outer, w_inner = sch.split(spatial[-2], [None, width_tile])
+        outer = [*spatial[:-3], y_outer, w_outer, v_outer]
+        sch.reorder(*outer, tile_loop, *reduce, w_inner, v_inner)
+        sch.unroll(tile_loop)
+        sch.unroll(w_inner)
+    elif n_spatial >= 2:
         w_outer, w_inner = sch.split(spatial[-2], [None, width_tile])
         outer = [*spatial[:-2], w_outer, v_outer]
         sch.reorder(*outer, *reduce, w_inner, v_inner)
@@ -571,30 +576,39 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
     else:
         outer = [v_outer]
         sch.reorder(v_outer, *reduce, v_inner)
+    if pool is None:
+        tile_loop = outer[-1]
     dot = dot_for(sch, anchor, info.dots, vec_tile)
     if dot is None:
         sch.vectorize(v_inner)
 
     for block in packed_rows:  # a depthwise kernel's packed window rows: per tile, in its loops
-        sch.compute_at(block, outer[-1], preserve_unit_loops=True)
+        sch.compute_at(block, tile_loop, preserve_unit_loops=True)
         sch.unroll(sch.get_loops(block)[-2])  # the row groups: their zero rows fold away
         _vectorize_innermost(sch, block)
-    sch.reverse_compute_at(cache, outer[-1], preserve_unit_loops=True)
+    sch.reverse_compute_at(cache, tile_loop, preserve_unit_loops=True)
     _vectorize_innermost(sch, cache)
     tile_size = width_tile * vec_tile if n_spatial >= 2 else vec_tile
+    if pool is not None:
+        pooled = [b for b in after if after.index(b) >= after.index(reductions[1])]
+        after = after[: after.index(reductions[1])]
     for index, block in enumerate(after):
         # Only consumers over exactly the anchor's output domain go into its tiles: one over a
         # larger domain (the next layer's padding fused in) would lose the rest of its domain.
         same_domain = [_int_extent(sch, loop) for loop in sch.get_loops(block)] == extents[:n_spatial]
+        if pool is not None and (index >= fuse_limit or not same_domain):
+            return False  # the pool reads it tile by tile
         if index >= fuse_limit or not same_domain:
             _schedule_elementwise(sch, block, info)
             continue
         try:
-            sch.reverse_compute_at(block, outer[-1], preserve_unit_loops=True)
+            sch.reverse_compute_at(block, tile_loop, preserve_unit_loops=True)
         except s_tir.ScheduleError:
+            if pool is not None:
+                return False
             _schedule_elementwise(sch, block, info)
             continue
-        inner = sch.get_loops(block)[len(outer):]
+        inner = sch.get_loops(block)[len(outer) + (pool is not None) :]
         work = 1
         for loop in inner:
             work *= _int_extent(sch, loop) or 0
@@ -604,6 +618,7 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
             raise _FuseLimit(index)
         if not _vectorize_across_pixels(sch, block, info, vec_tile, vec_extent, width_tile):
             _vectorize_innermost(sch, block)
+    pool_sums = _pool_in_tiles(sch, pooled, outer[-1], tile_size // pool[1]) if pool else None
     if not is_output_block(sch, cache):
         try:
             sch.compute_inline(cache)
@@ -618,9 +633,50 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
     if reduce:
         init = sch.decompose_reduction(anchor, reduce[0])
         _vectorize_innermost(sch, init)
+    if pool_sums is not None:
+        _vectorize_innermost(sch, sch.decompose_reduction(*pool_sums))
     if dot is not None:
         _tensorize_or_vectorize(sch, anchor, dot, v_inner)
     return True
+
+
+def _tiling_pool(sch: s_tir.Schedule, block: SBlockRV, anchor_extents: list[int]) -> tuple[int, int] | None:
+    """(window rows, window columns) of a pool fused after the anchor whose windows tile the
+    anchor's NHWC output (each output element summed once), else None."""
+    window = tiled_window_block(sch.get(block))
+    if window is None or len(anchor_extents) != 4:
+        return None
+    shape = [int(d) for d in sch.get(block).reads[0].source.shape]
+    if shape != list(anchor_extents) or anchor_extents[1] % window[0] or anchor_extents[2] % window[1]:
+        return None
+    return window
+
+
+def _pool_in_tiles(
+    sch: s_tir.Schedule, blocks: list[SBlockRV], tile_loop: LoopRV, pooled_size: int
+) -> tuple[SBlockRV, LoopRV]:
+    """Compute a fused pool (its window sums, then its epilogue) inside the anchor's tiles: each
+    tile pools the rows and pixels it has just requantized, channels vectorized. Returns the
+    window-sum block and its first window loop: the reduction is decomposed there once the tile
+    loop is parallel.
+
+    Raises ``ScheduleError`` when a block does not fit the tile."""
+    window_sum, *epilogue = blocks
+    sch.reverse_compute_at(window_sum, tile_loop, preserve_unit_loops=True)
+    loops = sch.get_loops(window_sum)
+    *spatial, ry, rx = loops[-6:]
+    sch.reorder(ry, rx, *spatial[-2:])
+    sch.unroll(spatial[-2])
+    _vectorize_innermost(sch, window_sum)
+    for block in epilogue:
+        sch.reverse_compute_at(block, tile_loop, preserve_unit_loops=True)
+        work = 1
+        for loop in sch.get_loops(block)[-4:]:
+            work *= _int_extent(sch, loop) or 0
+        if work != pooled_size:
+            raise s_tir.ScheduleError("a pool epilogue needs more than its tile")
+        _vectorize_innermost(sch, block)
+    return window_sum, ry
 
 
 def _vectorize_across_pixels(
