@@ -526,6 +526,48 @@ def test_a_tiling_average_pool_runs_in_the_convolutions_tiles(
         np.testing.assert_array_equal(_run(build_cpu(mod, target), [image])[0], want)
 
 
+@pytest.mark.parametrize("size,channels", [(48, 24), (20, 16)], ids=["grayscale-96", "rgb-20"])
+def test_a_float_inputs_quantize_runs_per_thread_in_the_first_convolution(
+    tmp_path: Path, size: int, channels: int
+) -> None:
+    """A float input's QUANTIZE (a rounding division per pixel) joins the first convolution's
+    kernel: each core quantizes the input rows its own tiles read into a buffer of its own, inside
+    the tiles' one parallel loop (no kernel, no thread wake-up of its own). Outputs equal TFLite's
+    reference kernels, on inputs that land on rounding ties too."""
+    from ai_edge_litert import interpreter as litert
+
+    from edgeq.int8 import import_integer
+    from edgeq.tflite_builder import Q, TFLiteBuilder
+
+    inputs = 1 if channels == 24 else 3
+    b = TFLiteBuilder()
+    x = b.input((1, 2 * size, 2 * size, inputs), "float32")
+    q = b.quantize(x, Q(0.03125, -9))
+    scales = [float(s) for s in RNG.uniform(0.002, 0.01, channels)]
+    weights = b.constant(_int8(channels, 3, 3, inputs), Q(scales, [0] * channels))
+    bias = b.constant(RNG.integers(-3000, 3000, channels).astype("int32"), Q([0.03125 * s for s in scales], [0] * channels))
+    b.output(b.conv2d(q, weights, bias, Q(0.02, -128), stride=2, activation="RELU"))
+    path = tmp_path / "quantize_conv.tflite"
+    path.write_bytes(b.build())
+    mod, _report = import_integer(path)
+
+    funcs = _scheduled_prim_funcs(mod, VNNI)
+    (kernel,) = [text for name, text in funcs.items() if "round_half_away" in name]
+    assert "conv2d" in kernel and kernel.count("T.parallel(") == 1 and "T.parallel(T.int64(2))" in kernel
+    per_core = kernel[kernel.index("T.parallel(") :]
+    assert per_core.index('sblock("PadInput') < per_core.index("dot_conv2d")
+
+    # multiples of half a quantization step: every other pixel a tie that rounds away from zero
+    image = (RNG.integers(-300, 300, size=(1, 2 * size, 2 * size, inputs)) * (0.03125 / 2)).astype("float32")
+    reference = litert.Interpreter(model_path=str(path), experimental_op_resolver_type=litert.OpResolverType.BUILTIN_REF)
+    reference.allocate_tensors()
+    reference.set_tensor(reference.get_input_details()[0]["index"], image)
+    reference.invoke()
+    want = reference.get_tensor(reference.get_output_details()[0]["index"])
+    for target in [X86, VNNI] if _host_has(VNNI) else [X86]:
+        np.testing.assert_array_equal(_run(build_cpu(mod, target), [image])[0], want)
+
+
 def _high_multiply_module(shift: int, offset: int, scalar_multiplier: bool) -> tvm.IRModule:
     """out = int32((int64(a) * int64(m) + offset) >> shift), vectorized 16 lanes at a time."""
     from tvm import te, tirx

@@ -10,7 +10,8 @@ Two strategies, tried in order on a fresh schedule each:
   Kernels that :mod:`.dotprod` packed for the ISA's integer dot product (VNNI, AVX2
   ``vpmaddwd``, ARM ``sdot``) get their innermost channel vectors tensorized with it. An
   average pool fused after the reduction (windows that tile its output) is computed in the
-  same tiles, which then cover whole windows.
+  same tiles, which then cover whole windows; a float input's QUANTIZE fused in front is
+  computed per core, for the input rows that core's tiles read.
 * ``blockwise``: every block alone: elementwise blocks get their innermost axis vectorized
   and their outer loops fused and run in parallel; other reductions (softmax, ...) get their
   spatial loops in parallel.
@@ -537,8 +538,11 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
         return False
 
     packed_rows = [b for b in before if sch.get(b).name_hint == DEPTHWISE_ROWS]
+    # A float input's QUANTIZE fused in front (fusion.FuseInputPrologue): computed per thread
+    # in the tiles' parallel loop if it can be, below.
+    prologue = [b for b in before if b not in packed_rows and _has_costly_call(sch.get(b).body)]
     for block in before:
-        if block not in packed_rows:
+        if block not in packed_rows and block not in prologue:
             _schedule_elementwise(sch, block, info)
 
     width = extents[n_spatial - 2] if n_spatial >= 2 else 1
@@ -624,12 +628,20 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
             sch.compute_inline(cache)
         except s_tir.ScheduleError:
             pass
-    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     work = 1
     for extent in extents:
         work *= extent
-    if info.num_cores > 1 and (_int_extent(sch, fused) or 0) >= 2 and work >= _MIN_PARALLEL_WORK:
-        sch.parallel(fused)  # before decompose_reduction: parallel needs the init in the block
+    tiles = 1
+    for loop in outer:
+        tiles *= _int_extent(sch, loop) or 0
+    parallel = info.num_cores > 1 and tiles >= 2 and work >= _MIN_PARALLEL_WORK
+    # before decompose_reduction: parallel needs the init in the block
+    if not (parallel and prologue and _prologue_per_thread(sch, prologue, outer, info)):
+        for block in prologue:
+            _schedule_elementwise(sch, block, info)
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        if parallel:
+            sch.parallel(fused)
     if reduce:
         init = sch.decompose_reduction(anchor, reduce[0])
         _vectorize_innermost(sch, init)
@@ -638,6 +650,53 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
     if dot is not None:
         _tensorize_or_vectorize(sch, anchor, dot, v_inner)
     return True
+
+
+def _prologue_per_thread(sch: s_tir.Schedule, blocks: list[SBlockRV], outer: list[LoopRV], info: CpuInfo) -> bool:
+    """Run the tiles' outermost loop as one parallel loop over the cores, each iteration a core's
+    share of rows, and compute ``blocks`` (a fused input prologue) inside it for the input rows
+    those tiles read: no kernel and no wake-up of the threads of its own, a few halo rows
+    computed twice. Each core writes its own copy (the buffer is allocated in the parallel loop).
+    False, ``sch`` untouched, where the rows do not split evenly or a block does not move."""
+    extents = [_int_extent(sch, loop) or 0 for loop in outer]
+    first = next((i for i, e in enumerate(extents) if e > 1), None)
+    if first is None or extents[first] % info.num_cores or extents[first] < 2 * info.num_cores:
+        return False
+
+    def apply(target: s_tir.Schedule) -> None:
+        cores, rest = target.split(outer[first], [info.num_cores, None])
+        per_core = [*outer[:first], cores]
+        cores = target.fuse(*per_core) if len(per_core) > 1 else cores
+        inner = [rest, *outer[first + 1 :]]
+        if len(inner) > 1:
+            target.fuse(*inner)
+        target.parallel(cores)
+        for block in reversed(blocks):
+            target.compute_at(block, cores, preserve_unit_loops=True)
+        for block in blocks:
+            _vectorize_rows(target, block, info)
+
+    try:
+        apply(sch.copy())  # random variables stay valid in a copy: a failed try leaves ``sch`` intact
+    except (RuntimeError, ValueError, s_tir.ScheduleError) as error:
+        log.debug("prologue stays a loop of its own: %s", error)
+        return False
+    apply(sch)
+    return True
+
+
+def _vectorize_rows(sch: s_tir.Schedule, block: SBlockRV, info: CpuInfo) -> None:
+    """Vectorize a block's innermost loop at the ISA's width; a row that is not a multiple of it
+    (a padded input row: 96 pixels and 2 of padding) runs its whole vectors, then the rest unrolled."""
+    loop = sch.get_loops(block)[-1]
+    extent = _int_extent(sch, loop) or 0
+    lanes = info.lanes(_widest_dtype(sch, block))
+    whole = extent - extent % lanes
+    if whole and whole != extent:
+        loop, rest = sch.loop_partition(loop, [whole, None])
+        sch.unroll(rest)
+    if whole:
+        _unrolled_vectors(sch, loop, lanes)
 
 
 def _tiling_pool(sch: s_tir.Schedule, block: SBlockRV, anchor_extents: list[int]) -> tuple[int, int] | None:
