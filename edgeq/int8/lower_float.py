@@ -20,7 +20,7 @@ from ..errors import UnsupportedModelError
 from .context import Lowered, LoweringContext, activation_of
 from .graph import Operator
 from .lower_linear import same_padding
-from .relax_int import array_const, const
+from .relax_int import array_const, as_rows, const
 
 R = relax.op
 FLOAT_ACTIVATION_BOUNDS = {"NONE": (None, None), "RELU": (0.0, None), "RELU6": (0.0, 6.0), "RELU_N1_TO_1": (-1.0, 1.0)}
@@ -109,7 +109,7 @@ def lower_fully_connected_float(ctx: LoweringContext, op: Operator) -> Lowered:
         raise UnsupportedModelError(f"FULLY_CONNECTED #{op.index}: shuffled weights are not supported")
     weights = _float_constant(ctx, op, op.inputs[1], "weights")
     units, depth = weights.shape
-    x = ctx.bb.emit(R.reshape(ctx.value(inp.index), (-1, depth)))
+    x = as_rows(ctx.bb, ctx.value(inp.index), depth)
     acc = ctx.bb.emit(R.matmul(x, array_const(np.ascontiguousarray(weights.T, np.float32)), out_dtype="float32"))
     ctx.set(out.index, _activate(ctx, op, _with_bias(ctx, op, acc)))
     return Lowered(integer=False, macs=(int(np.prod(inp.shape)) // depth) * units * depth)

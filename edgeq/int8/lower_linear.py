@@ -13,7 +13,7 @@ from ..errors import UnsupportedModelError
 from .context import Lowered, LoweringContext, activation_of, require_quantized
 from .fixedpoint import DTYPE_RANGE, activation_range, quantize_multiplier
 from .graph import Operator, Tensor
-from .relax_int import array_const, requantize_float_to, requantize_to
+from .relax_int import array_const, as_rows, requantize_float_to, requantize_to
 
 R = relax.op
 
@@ -144,7 +144,7 @@ def lower_fully_connected(ctx: LoweringContext, op: Operator) -> Lowered:
         raise UnsupportedModelError(f"FULLY_CONNECTED #{op.index}: shuffled weights are not supported")
     weights = _filter_values(ctx, op, filt)
     units, depth = weights.shape
-    x = ctx.bb.emit(R.reshape(ctx.value(x_index), (-1, depth)))
+    x = as_rows(ctx.bb, ctx.value(x_index), depth)
     acc = ctx.bb.emit(R.matmul(x, array_const(weights.T), out_dtype="int32"))
     acc = ctx.bb.emit(R.add(acc, _folded_bias(ctx, op, b_index, weights.astype(np.int64).sum(axis=1), inp.quant.zp)))
     lo, hi = activation_range(activation_of(op), out.dtype, out.quant.s, out.quant.zp)

@@ -39,6 +39,18 @@ def shape_of(x: relax.Expr) -> tuple[int, ...]:
     return tuple(int(d) for d in x.ty.shape)
 
 
+def as_rows(bb: relax.BlockBuilder, x: relax.Expr, depth: int) -> relax.Expr:
+    """``x`` as a (rows, depth) matrix for a matmul: ``x`` itself when it already is one (a second
+    reshape of a RESHAPE's output would be a copy kernel: only a lone reshape becomes a view)."""
+    try:
+        shape = shape_of(x)
+    except (TypeError, AttributeError):
+        shape = ()
+    if len(shape) == 2 and shape[1] == depth:
+        return x
+    return bb.emit(R.reshape(x, (-1, depth)))
+
+
 def clamp_cast(bb: relax.BlockBuilder, x: relax.Expr, lo: int, hi: int, dtype: str) -> relax.Expr:
     """Clamp an integer tensor to [lo, hi] (fused activation and type range) and narrow it to dtype."""
     x = x if isinstance(x, relax.Var) else bb.emit(x)
