@@ -118,6 +118,9 @@ def lower_softmax(ctx: LoweringContext, op: Operator) -> Lowered:
     result = ctx.bb.emit_te(
         _softmax_kernel, ctx.value(inp.index), array_const(exps), array_const(terms), out.dtype,
         primfunc_name_hint="softmax",
+        # "out-elementwise fusable" (4), not the opaque (8) TVM infers for its several stages: the
+        # DEQUANTIZE that usually follows joins its kernel instead of being a kernel call of its own
+        primfunc_attrs={"op_pattern": 4},
     )
     ctx.set(out.index, result)
     return Lowered()
