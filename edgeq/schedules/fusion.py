@@ -48,6 +48,12 @@ def walk(node: object) -> list[object]:
     return out
 
 
+def has_costly_call(node: object) -> bool:
+    """Whether a TIR expression calls anything but ``if_then_else`` (trunc, round, exp, ...): work
+    per element that inlining would repeat."""
+    return any(isinstance(n, tvm.ir.Call) and getattr(n.op, "name", "") not in IF_THEN_ELSE for n in walk(node))
+
+
 def _single_block_value(func: tirx.PrimFunc) -> tuple[s_tir.SBlock, tvm.ir.Expr] | None:
     """The only block of ``func`` and the value it stores, if it has exactly one."""
     sch = s_tir.Schedule(func)
@@ -186,7 +192,6 @@ class FoldConstantAdds:
         return relax.transform.DeadCodeElimination()(folder.builder_.get())
 
 
-_COSTLY_OPS = ("tirx.trunc", "tirx.round", "tirx.nearbyint", "tirx.floor", "tirx.exp", "tirx.fabs")
 _ANCHOR_PREFIXES = ("dot_conv2d", "dot_depthwise", "conv2d")
 
 
@@ -209,13 +214,9 @@ def _is_costly_prologue(mod: tvm.IRModule, func: relax.Function) -> bool:
         prim = mod[call.args[0]]
         if int(prim.attrs.get("op_pattern", _OPAQUE)) > _INJECTIVE:
             return False
-        costly = costly or any(_call_of(n, _COSTLY_OPS) for n in _prim_func_nodes(prim))
+        found = _single_block_value(prim)
+        costly = costly or (found is not None and has_costly_call(found[1]))
     return costly
-
-
-def _prim_func_nodes(func: tirx.PrimFunc) -> list[object]:
-    found = _single_block_value(func)
-    return walk(found[1]) if found is not None else []
 
 
 def _feeds_anchor_data(mod: tvm.IRModule, func: relax.Function) -> bool:

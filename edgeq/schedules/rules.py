@@ -34,7 +34,7 @@ from tvm.s_tir.schedule import LoopRV, SBlockRV
 from tvm.s_tir.schedule.analysis import is_output_block
 
 from .dotprod import DEPTHWISE_ROWS, DotProduct, dot_for, tensorize_dot
-from .fusion import IF_THEN_ELSE, is_pad_value, tiled_window_block, walk
+from .fusion import has_costly_call, is_pad_value, tiled_window_block, walk
 from .target import CpuInfo
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,6 @@ _MAX_SINGLE_READ_NODES = 256
 _MAX_LEAF_NODES = 24
 # Functions whose largest loop nest is smaller than this keep the default (unscheduled) code.
 _MIN_SCHEDULED_ELEMS = 512
-_CHEAP_CALLS = IF_THEN_ELSE
 # Innermost loops up to this extent are unrolled when they cannot be vectorized.
 _MAX_UNROLLED_INNER = 8
 # Narrowest vector (in elements) used when a channel count is not a multiple of the full width.
@@ -165,13 +164,6 @@ def _root(sch: s_tir.Schedule) -> SBlockRV:
 
 def _is_reduction(sch: s_tir.Schedule, block: SBlockRV) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
-
-
-def _has_costly_call(node: object) -> bool:
-    """Whether an expression calls anything but ``if_then_else`` (round, exp, ...)."""
-    return any(
-        isinstance(n, tvm.ir.Call) and getattr(n.op, "name", "") not in _CHEAP_CALLS for n in walk(node)
-    )
 
 
 def _inline_grows_ok(sch: s_tir.Schedule, block: SBlockRV) -> bool:
@@ -361,7 +353,7 @@ def inline_injective(sch: s_tir.Schedule) -> None:
             if sch.get(block).name_hint == DEPTHWISE_ROWS:
                 continue  # packed once per tile for the dot products (see _anchored)
             feeds_reduction = any(_is_reduction(sch, c) for c in sch.get_consumers(block))
-            if feeds_reduction and _has_costly_call(sch.get(block).body):
+            if feeds_reduction and has_costly_call(sch.get(block).body):
                 continue  # recomputed per multiply-add; padding (if_then_else) is cheaper inlined
             if not _inline_grows_ok(sch, block):
                 continue
@@ -540,7 +532,7 @@ def _anchored(sch: s_tir.Schedule, info: CpuInfo, fuse_limit: int = 1 << 30) -> 
     packed_rows = [b for b in before if sch.get(b).name_hint == DEPTHWISE_ROWS]
     # A float input's QUANTIZE fused in front (fusion.FuseInputPrologue): computed per thread
     # in the tiles' parallel loop if it can be, below.
-    prologue = [b for b in before if b not in packed_rows and _has_costly_call(sch.get(b).body)]
+    prologue = [b for b in before if b not in packed_rows and has_costly_call(sch.get(b).body)]
     for block in before:
         if block not in packed_rows and block not in prologue:
             _schedule_elementwise(sch, block, info)
